@@ -1,0 +1,1 @@
+"""gce_jax: Guided Complement Entropy in JAX."""
