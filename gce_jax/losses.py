@@ -9,8 +9,8 @@ training objective. The paper writes Eqs. (1)-(3) as entropies (to be
 maximised); the returned values here are those expressions with the sign
 flipped, exactly as in the authors' code.
 
-Numerics: everything is computed from logits in float32 (bfloat16/float16
-inputs are upcast, the result is cast back). The complement distribution
+Numerics: everything is computed from logits in at least float32 (bfloat16/
+float16 inputs are upcast, the result is cast back). The complement distribution
 ``q_j = p_j / (1 - p_g)`` is a softmax over the logits with the ground-truth
 column removed, so it is exact even when ``p_g`` rounds to 1, and no ``-inf``
 mask ever enters a product (which would give NaN gradients).
@@ -29,19 +29,19 @@ Array = jax.Array
 LossFn = Callable[[Array, Array], Array]
 
 
-def _validate(logits: Array, labels: Array) -> None:
+def _validate(logits: Array, labels: Array) -> tuple[Array, Array]:
     """Static checks (shape/dtype always; label range when labels are concrete)."""
-    logits = jnp.asarray(logits) if not hasattr(logits, "shape") else logits
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     if logits.ndim < 1:
         raise ValueError(f"logits must have a trailing class axis, got shape {logits.shape}")
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
-    labels_dtype = getattr(labels, "dtype", np.asarray(labels).dtype)
+    labels_dtype = labels.dtype
     if not jnp.issubdtype(labels_dtype, jnp.integer):
         raise TypeError(
                 f"labels must be integer class ids, got dtype {labels_dtype}; "
                 "pass integer labels, not one-hot vectors or floats")
-    labels_shape = tuple(np.shape(labels))
+    labels_shape = tuple(labels.shape)
     if labels_shape != tuple(logits.shape[:-1]):
         raise ValueError(
                 f"labels shape {labels_shape} must equal logits.shape[:-1] = "
@@ -55,6 +55,7 @@ def _validate(logits: Array, labels: Array) -> None:
             raise ValueError(
                     f"labels must lie in [0, {k - 1}] for {k} classes; got values in "
                     f"[{lab.min()}, {lab.max()}]")
+    return logits, labels
 
 
 def _label_mask(logits: Array, labels: Array) -> tuple[Array, Array]:
@@ -65,13 +66,19 @@ def _label_mask(logits: Array, labels: Array) -> tuple[Array, Array]:
     return is_label, jnp.where(valid, 0.0, jnp.nan)
 
 
+def _compute_dtype(logits: Array) -> jnp.dtype:
+    # Half precision is upcast: exp/log over K classes in bf16 loses the
+    # complement distribution entirely. float64 (under x64) stays float64.
+    return jnp.promote_types(logits.dtype, jnp.float32)
+
+
 def _complement_stats(logits: Array, labels: Array):
     """Shared single pass over the logits.
 
     Returns ``(z_g, lse_c, neg_ent, valid_nan)`` with ``z_g`` the label logit,
     ``lse_c = log sum_{j!=g} exp(z_j)`` and ``neg_ent = sum_{j!=g} q_j log q_j``.
     """
-    z = logits.astype(jnp.float32)
+    z = logits.astype(_compute_dtype(logits))
     is_label, valid_nan = _label_mask(z, labels)
     not_label = ~is_label
     z_g = jnp.sum(jnp.where(is_label, z, 0.0), axis=-1)
@@ -105,8 +112,8 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     Returns:
         ``[...]`` loss, in the dtype of ``logits``.
     """
-    _validate(logits, labels)
-    z = logits.astype(jnp.float32)
+    logits, labels = _validate(logits, labels)
+    z = logits.astype(_compute_dtype(logits))
     is_label, valid_nan = _label_mask(z, labels)
     z_g = jnp.sum(jnp.where(is_label, z, 0.0), axis=-1)
     loss = jax.nn.logsumexp(z, axis=-1) - z_g + valid_nan
@@ -136,7 +143,7 @@ def complement_entropy(logits: Array, labels: Array, *,
     Returns:
         ``[...]`` loss, in the dtype of ``logits``.
     """
-    _validate(logits, labels)
+    logits, labels = _validate(logits, labels)
     k = logits.shape[-1]
     _check_num_classes(k, normalize)
     _, _, neg_ent, valid_nan = _complement_stats(logits, labels)
@@ -171,7 +178,7 @@ def guided_complement_entropy(logits: Array, labels: Array, *, alpha: float,
     Returns:
         ``[...]`` loss, in the dtype of ``logits``.
     """
-    _validate(logits, labels)
+    logits, labels = _validate(logits, labels)
     k = logits.shape[-1]
     _check_num_classes(k, normalize)
     if alpha < 0:
