@@ -1,0 +1,87 @@
+"""Adversarial attacks in JAX: pure, jit-compiled, per-example, batch-chunkable.
+
+Every attack has the signature ::
+
+    attack(logits_fn, x, y, *, key, eps, ..., loss='xe') -> x_adv
+
+* ``logits_fn(x) -> logits``: the model in inference mode. Prefer
+  ``inference_logits_fn(model, variables)`` (a ``jax.tree_util.Partial``): the
+  compiled attack is then reused across weights. A plain callable also works;
+  the compiled attack is cached per function *object*, so reuse the closure
+  (see ``gce_jax.attacks._common`` for the design).
+* ``x``: ``[B, ...]`` floats in [0, 1]; ``y``: ``[B]`` integer labels.
+* ``key``: explicit PRNG key; example ``i`` uses ``fold_in(key, i)``, so results
+  do not depend on the batch size or ``batch_chunk``.
+* ``loss``: the objective maximised, from ``objectives.OBJECTIVES``
+  (``xe | margin | dlr | gce``). JSMA (Jacobian of the logits) and C&W (its own
+  margin) have fixed objectives; ``attack_spec`` records them.
+
+Attacks: ``fgsm, bim, pgd, mim, pgd_l2, jsma, carlini_wagner_l2, apgd, square``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from gce_jax.attacks._common import draw_targets, inference_logits_fn
+from gce_jax.attacks.apgd import apgd, apgd_checkpoints
+from gce_jax.attacks.cw import carlini_wagner_l2
+from gce_jax.attacks.gradient import bim, fgsm, mim, pgd, pgd_l2
+from gce_jax.attacks.jsma import jsma
+from gce_jax.attacks.objectives import OBJECTIVES, get_objective
+from gce_jax.attacks.square import square
+
+ATTACKS: dict[str, Callable[..., Any]] = {
+    "fgsm": fgsm,
+    "bim": bim,
+    "pgd": pgd,
+    "mim": mim,
+    "pgd_l2": pgd_l2,
+    "jsma": jsma,
+    "carlini_wagner_l2": carlini_wagner_l2,
+    "apgd": apgd,
+    "square": square,
+}
+
+# Threat model and, for attacks without a ``loss`` argument, the fixed objective.
+_NORM = {"fgsm": "linf", "bim": "linf", "pgd": "linf", "mim": "linf", "apgd": "linf",
+         "square": "linf", "pgd_l2": "l2", "carlini_wagner_l2": "l2", "jsma": "l0"}
+_FIXED_LOSS = {"jsma": "logit_jacobian_saliency", "carlini_wagner_l2": "cw_margin"}
+# Defaults computed from other arguments (documented in each attack).
+_DERIVED_STEP = {"bim": 1.0, "mim": 1.0, "pgd_l2": 2.5}
+_NOT_RECORDED = ("logits_fn", "x", "y", "key", "targets", "batch_chunk")
+
+
+def attack_spec(name: str, **kwargs: Any) -> dict[str, Any]:
+    """The full, resolved configuration of ``ATTACKS[name](..., **kwargs)``.
+
+    For the evaluator to record next to each number: every keyword with its
+    default filled in (derived defaults such as ``step_size = eps / steps``
+    resolved when ``eps`` is given), ``norm`` and ``loss`` (the fixed objective
+    for JSMA / C&W). Unknown keywords raise ``TypeError``, like the call would.
+    """
+    try:
+        fn = ATTACKS[name]
+    except KeyError:
+        raise ValueError(f"unknown attack {name!r}; expected one of {sorted(ATTACKS)}") from None
+    params = {p.name: (None if p.default is inspect.Parameter.empty else p.default)
+              for p in inspect.signature(fn).parameters.values()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _NOT_RECORDED}
+    unknown = set(kwargs) - set(params) - {"key", "targets", "batch_chunk"}
+    if unknown:
+        raise TypeError(f"{name}() got unexpected keyword(s) {sorted(unknown)}")
+    params.update({k: v for k, v in kwargs.items() if k in params})
+    if name in _DERIVED_STEP and params.get("step_size") is None and params.get("eps") is not None:
+        params["step_size"] = _DERIVED_STEP[name] * float(params["eps"]) / params["steps"]
+    spec = {"attack": name, "norm": _NORM[name]}
+    spec["loss"] = params.pop("loss", _FIXED_LOSS.get(name))
+    spec.update(params)
+    if "targets" in kwargs and kwargs["targets"] is not None:
+        spec["targets"] = "given"
+    return spec
+
+
+__all__ = ["ATTACKS", "OBJECTIVES", "attack_spec", "apgd", "apgd_checkpoints", "bim",
+           "carlini_wagner_l2", "draw_targets", "fgsm", "get_objective",
+           "inference_logits_fn", "jsma", "mim", "pgd", "pgd_l2", "square"]

@@ -1,0 +1,232 @@
+r"""First-order attacks sharing one iterative core: FGSM, BIM, PGD, MIM, L2 PGD.
+
+All of them are instances of :func:`_iterative` ::
+
+    x_0 = x                                   (BIM, MIM, FGSM)
+    x_0 = clip_[0,1](x + U(B_eps))            (PGD: uniform in the eps-ball)
+    g_t = grad_x L(f(x_t), y)                 (per example; L maximised)
+    m_t = mu m_{t-1} + g_t / ||g_t||_1        (MIM only, each example its own norm)
+    x_{t+1} = Proj_{B_eps(x) ∩ [0,1]^n}(x_t + a * d_t)
+
+with ``d_t = sign(g_t)`` (or ``sign(m_t)``) for L_inf and ``g_t / ||g_t||_2``
+for L2. The projection is always around the *clean* input ``x``, never the
+previous iterate, and the box clip comes after it (which keeps the point in
+the ball, since ``x`` is in the box).
+
+FGSM is one step of size eps from ``x``; BIM is ``r`` steps of ``eps / r``;
+PGD adds the random start; MIM adds momentum.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gce_jax.attacks._common import (Array, LogitsFn, as_partial, check_inputs,
+                                     example_keys, finish, l2_project, linf_project,
+                                     per_example_sum, run_chunked)
+from gce_jax.attacks.objectives import signed_objective
+
+
+def _random_start(keys: Array, x: Array, eps: Array, norm: str) -> Array:
+    """A point uniform in the eps-ball around each example, clipped to [0,1]."""
+    shape = x.shape[1:]
+    if norm == "linf":
+        u = jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0))(keys)
+        return jnp.clip(x + eps * u, 0.0, 1.0)
+    # Uniform in the L2 ball: isotropic direction, radius eps * U^(1/d).
+    d = x[0].size
+
+    def sample(k):
+        k_dir, k_rad = jax.random.split(k)
+        v = jax.random.normal(k_dir, shape, x.dtype)
+        v = v / jnp.maximum(jnp.linalg.norm(v.ravel()), 1e-12)
+        return v * jax.random.uniform(k_rad, (), x.dtype) ** (1.0 / d)
+
+    delta = jax.vmap(sample)(keys) * eps
+    return jnp.clip(x + delta, 0.0, 1.0)
+
+
+def _iterative_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
+                    step_size: Array, mu: Array, *, steps: int, norm: str,
+                    random_start: bool, use_momentum: bool, loss: str,
+                    targeted: bool, early_stop: bool) -> Array:
+    objective = signed_objective(loss, targeted)
+    project = linf_project if norm == "linf" else l2_project
+
+    def objective_and_grad(x_adv):
+        def total(xa):
+            logits = fn(xa)
+            # Summing per-example objectives gives each example its own
+            # gradient (the model is in inference mode: no cross-talk).
+            return jnp.sum(objective(logits, y)), logits
+        (_, logits), g = jax.value_and_grad(total, has_aux=True)(x_adv)
+        return g, logits
+
+    def body(_, state):
+        x_adv, m = state
+        g, logits = objective_and_grad(x_adv)
+        if use_momentum:
+            l1 = per_example_sum(jnp.abs(g))
+            m = mu * m + g / jnp.maximum(l1, jnp.finfo(g.dtype).tiny)
+            direction_src = m
+        else:
+            direction_src = g
+        if norm == "linf":
+            direction = jnp.sign(direction_src)
+        else:
+            l2 = jnp.sqrt(per_example_sum(direction_src * direction_src))
+            direction = direction_src / jnp.maximum(l2, 1e-12)
+        x_new = project(x_adv + step_size * direction, x, eps)
+        if early_stop:
+            pred = jnp.argmax(logits, axis=-1)
+            fooled = (pred == y) if targeted else (pred != y)
+            keep = fooled.reshape((-1,) + (1,) * (x.ndim - 1))
+            x_new = jnp.where(keep, x_adv, x_new)
+        return x_new, m
+
+    x_init = _random_start(keys, x, eps, norm) if random_start else x
+    x_adv, _ = jax.lax.fori_loop(0, steps, body, (x_init, jnp.zeros_like(x)))
+    return x_adv
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "steps", "norm", "random_start", "use_momentum", "loss", "targeted",
+    "early_stop", "batch_chunk"))
+def _iterative_jit(fn, x, y, key, eps, step_size, mu, *, steps, norm, random_start,
+                   use_momentum, loss, targeted, early_stop, batch_chunk):
+    keys = example_keys(key, x.shape[0])
+    eps = jnp.asarray(eps, x.dtype)
+    step_size = jnp.asarray(step_size, x.dtype)
+    mu = jnp.asarray(mu, x.dtype)
+    core = functools.partial(
+        _iterative_core, fn, eps=eps, step_size=step_size, mu=mu, steps=steps,
+        norm=norm, random_start=random_start, use_momentum=use_momentum,
+        loss=loss, targeted=targeted, early_stop=early_stop)
+    x_adv = run_chunked(lambda xb, yb, kb: core(xb, yb, kb), batch_chunk, x, y, keys)
+    return finish(x_adv, x)
+
+
+def _iterative(logits_fn: LogitsFn, x: Any, y: Any, key: Array | None, *, eps: float,
+               step_size: float, steps: int, norm: str = "linf",
+               random_start: bool = False, momentum: float | None = None,
+               loss: str = "xe", targeted: bool = False, early_stop: bool = False,
+               batch_chunk: int | None = None) -> Array:
+    """The single iterative core behind fgsm/bim/pgd/mim/pgd_l2 (see module doc)."""
+    x, y = check_inputs(x, y)
+    if isinstance(eps, (int, float)) and eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if key is None:
+        if random_start:
+            raise ValueError("a random start needs an explicit PRNG key")
+        key = jax.random.key(0)  # unused: the attack is deterministic
+    signed_objective(loss, targeted)  # fail fast on unknown loss names
+    return _iterative_jit(
+        as_partial(logits_fn), x, y, key, eps, step_size,
+        0.0 if momentum is None else momentum, steps=int(steps), norm=norm,
+        random_start=bool(random_start), use_momentum=momentum is not None,
+        loss=loss, targeted=bool(targeted), early_stop=bool(early_stop),
+        batch_chunk=batch_chunk)
+
+
+def fgsm(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
+         eps: float, loss: str = "xe", targeted: bool = False,
+         batch_chunk: int | None = None) -> Array:
+    r"""Fast Gradient Sign Method (Goodfellow et al. 2015), paper Eq. (4).
+
+    .. math:: x^* = \mathrm{clip}_{[0,1]}(x + \epsilon\,\mathrm{sign}(\nabla_x L(x, y)))
+
+    Args:
+        logits_fn: ``x -> logits`` in inference mode (see ``inference_logits_fn``).
+        x: ``[B, ...]`` inputs in [0, 1].
+        y: ``[B]`` integer labels (the target labels when ``targeted``).
+        key: unused (deterministic); accepted for a uniform attack signature.
+        eps: L_inf budget.
+        loss: objective name in ``gce_jax.attacks.objectives`` (default ``'xe'``).
+        targeted: descend the objective of ``y`` instead of ascending it.
+        batch_chunk: process at most this many examples at once.
+
+    Returns:
+        ``[B, ...]`` adversarial inputs (gradient-stopped).
+    """
+    return _iterative(logits_fn, x, y, key, eps=eps, step_size=eps, steps=1,
+                      loss=loss, targeted=targeted, batch_chunk=batch_chunk)
+
+
+def bim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
+        eps: float, steps: int = 10, step_size: float | None = None,
+        loss: str = "xe", targeted: bool = False, early_stop: bool = False,
+        batch_chunk: int | None = None) -> Array:
+    r"""Basic Iterative Method (Kurakin et al. 2017), paper Eq. (5).
+
+    .. math:: x^*_0 = x,\quad x^*_i = \mathrm{clip}_{x,\epsilon}(x^*_{i-1}
+              + \tfrac{\epsilon}{r}\,\mathrm{sign}(\nabla L(x^*_{i-1}, y)))
+
+    Paper defaults: ``r = steps = 10``, step ``eps / steps``, no random start.
+    ``early_stop`` freezes each example once it is misclassified (masks, not
+    control flow); off by default to match the paper. Other arguments as in
+    :func:`fgsm`.
+    """
+    return _iterative(logits_fn, x, y, key, eps=eps,
+                      step_size=eps / steps if step_size is None else step_size,
+                      steps=steps, loss=loss, targeted=targeted,
+                      early_stop=early_stop, batch_chunk=batch_chunk)
+
+
+def pgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
+        steps: int = 40, step_size: float = 0.01, random_start: bool = True,
+        loss: str = "xe", targeted: bool = False, early_stop: bool = False,
+        batch_chunk: int | None = None) -> Array:
+    r"""L_inf Projected Gradient Descent (Madry et al. 2018): BIM from a random start.
+
+    .. math:: x^*_0 \sim \mathcal U(\{x' : \|x'-x\|_\infty \le \epsilon\}) \cap [0,1]^n,
+              \quad x^*_{t+1} = \Pi_{x,\epsilon}(x^*_t + a\,\mathrm{sign}(\nabla L))
+
+    Paper / reference-code defaults: 40 steps, ``step_size = 0.01``, uniform
+    random start, untargeted. ``key`` draws the start (per example).
+    """
+    return _iterative(logits_fn, x, y, key, eps=eps, step_size=step_size, steps=steps,
+                      random_start=random_start, loss=loss, targeted=targeted,
+                      early_stop=early_stop, batch_chunk=batch_chunk)
+
+
+def mim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
+        eps: float, steps: int = 40, decay: float = 1.0,
+        step_size: float | None = None, loss: str = "xe", targeted: bool = False,
+        early_stop: bool = False, batch_chunk: int | None = None) -> Array:
+    r"""Momentum Iterative Method (Dong et al. 2018), paper Eqs. (6)-(7).
+
+    .. math:: g_t = \mu g_{t-1} + \frac{\nabla L(x^*_{t-1}, y)}{\|\nabla L(x^*_{t-1}, y)\|_1},
+              \quad x^*_t = \mathrm{clip}_{x,\epsilon}(x^*_{t-1} + \tfrac{\epsilon}{r}\mathrm{sign}(g_t))
+
+    The L1 norm is taken per example. Paper defaults: 40 steps, ``decay``
+    (mu) 1.0, step ``eps / steps``, start at ``x``.
+    """
+    return _iterative(logits_fn, x, y, key, eps=eps,
+                      step_size=eps / steps if step_size is None else step_size,
+                      steps=steps, momentum=decay, loss=loss, targeted=targeted,
+                      early_stop=early_stop, batch_chunk=batch_chunk)
+
+
+def pgd_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
+           steps: int = 40, step_size: float | None = None,
+           random_start: bool = True, loss: str = "xe", targeted: bool = False,
+           early_stop: bool = False, batch_chunk: int | None = None) -> Array:
+    r"""L2 PGD: normalised-gradient steps, projection onto the L2 ball around x.
+
+    .. math:: x^*_{t+1} = \Pi_{\|x'-x\|_2\le\epsilon,\,[0,1]}\big(x^*_t + a\,
+              \nabla L / \|\nabla L\|_2\big)
+
+    The start is uniform in the L2 ball (direction isotropic, radius
+    ``eps * U^(1/d)``), clipped to [0,1]. Default ``step_size = 2.5 eps / steps``.
+    """
+    return _iterative(logits_fn, x, y, key, eps=eps,
+                      step_size=2.5 * eps / steps if step_size is None else step_size,
+                      steps=steps, norm="l2", random_start=random_start, loss=loss,
+                      targeted=targeted, early_stop=early_stop,
+                      batch_chunk=batch_chunk)
