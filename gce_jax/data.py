@@ -133,7 +133,7 @@ def _fail(name: str, path: Any, problem: str) -> DataError:
     return DataError(msg)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq on arrays would be ambiguous
 class ArrayDataset:
     """One split held in memory.
 
@@ -231,7 +231,8 @@ def load_split(
     """
     shape, _ = dataset_info(name)
     if split not in _SPLITS[name]:
-        raise DataError(f"{name} has no split {split!r}; use one of {_SPLITS[name]}")
+        hint = " (for model selection use train_val_split on 'train')" if split == "val" else ""
+        raise DataError(f"{name} has no split {split!r}; use one of {_SPLITS[name]}{hint}")
     if source not in ("auto", "local", "tfds"):
         raise DataError(f"source must be 'auto', 'local' or 'tfds', got {source!r}")
     if limit_per_class is not None and limit_per_class < 1:
@@ -239,12 +240,11 @@ def load_split(
 
     if name == "digits":
         ds = _load_digits(split)
-    elif source == "tfds" or (source == "auto" and not _has_local_layout(name, data_dir)):
+    elif source == "tfds" or (source == "auto" and name != "tiny_imagenet"
+                              and not _has_local_layout(name, data_dir)):
         if name == "tiny_imagenet":
-            raise _fail(
-                name, data_dir,
-                "tiny_imagenet is not in the tfds catalog and no local layout was found",
-            )
+            raise _fail(name, data_dir, "tiny_imagenet is not in the tfds catalog; "
+                                        "read it with source='local'")
         ds = _load_tfds(name, split, data_dir, auto=source == "auto")
     else:
         if data_dir is None:
@@ -306,7 +306,11 @@ def _tfds_is_prepared(tfds: Any, name: str, data_dir: Any) -> bool:
 
 
 def _load_tfds(name: str, split: str, data_dir: Any, *, auto: bool) -> ArrayDataset:
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise DataError(f"source='tfds' for {name} needs tensorflow-datasets ({err}); or pass "
+                        f"source='local' with data_dir holding {_LAYOUTS[name]}") from err
 
     where = data_dir if data_dir is not None else "the default tfds data_dir (~/tensorflow_datasets)"
     also = ""
@@ -412,8 +416,10 @@ def _find_layout(name: str, data_dir: Path) -> _Layout | None:
                 return _Layout("cifar_pickle", d)
         if (data_dir / _CIFAR_ARCHIVES[name]).is_file():
             return _Layout("tar", data_dir / _CIFAR_ARCHIVES[name])
-    for d in (data_dir, data_dir / name):
-        if _has_split_dirs(d):
+    # e.g. an extracted cifar10-jpeg/ next to other datasets
+    folders = [data_dir, data_dir / name, *sorted(data_dir.glob(f"{name}-*"))]
+    for d in folders:
+        if d.is_dir() and _has_split_dirs(d):
             return _Layout("image_folder", d)
     # e.g. data_dir=../shared/data holding cifar10-jpeg.tar.gz
     archives = sorted(p for ext in _TAR_EXTS for pat in (f"{name}{ext}", f"{name}-*{ext}")
@@ -463,7 +469,8 @@ def _read_path(path: Path) -> bytes:
 def _read_maybe_gzip(name: str, path: Path) -> bytes:
     try:
         raw = path.read_bytes()
-        if path.suffix == ".gz":
+        # Sniff too: IDX data starts 00 00 08, so a gzip header is unambiguous.
+        if path.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
             return gzip.decompress(raw)
         return raw
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError

@@ -236,6 +236,14 @@ def test_mnist_idx_roundtrip(tmp_path, gz, nested):
         assert ds.images.shape[1:] == (28, 28, 1) and ds.labels.dtype == np.int32
 
 
+def test_mnist_gzip_without_suffix(tmp_path):
+    want = write_mnist(tmp_path, gz=True)
+    for f in tmp_path.glob("*.gz"):
+        f.rename(f.with_suffix(""))  # gzip content under the raw name
+    ds = data.load_split("mnist", "test", data_dir=tmp_path, source="local")
+    np.testing.assert_array_equal(ds.images[..., 0], want["test"][0])
+
+
 def _corrupt_mnist(kind: str, d: Path) -> Path:
     """Damage one file of a valid gz layout; returns the path the error must name."""
     img = d / "train-images-idx3-ubyte.gz"
@@ -405,14 +413,15 @@ def test_image_folder_cifar10_official_order_dir_and_tar(tmp_path):
     write_image_folder(root, "train", classes, 1, (32, 32, 3), seed=1)
     tar = make_tar(root, tmp_path / "cifar10-png.tar.gz", "cifar10-png")  # with a top folder
     cache = tmp_path / "cache"
-    for data_dir in (root, tar):
+    for data_dir in (root, tar, tmp_path):  # tmp_path: finds the extracted cifar10-png/
         ds = data.load_split("cifar10", "test", data_dir=data_dir, cache_dir=cache)
         assert ds.class_names == data.CIFAR10_CLASSES
         for label, c in enumerate(data.CIFAR10_CLASSES):
             got = ds.images[ds.labels == label]
             np.testing.assert_array_equal(got, np.stack(want[c]))
         assert len(data.load_split("cifar10", "train", data_dir=data_dir, cache_dir=cache)) == 10
-    # Cache lives only in cache_dir; nothing was added to the data folder.
+    # Cache lives only in cache_dir (one entry per source and split, the folder found via
+    # its parent reuses its entry); nothing was added to the data folder.
     assert len(list(cache.glob("*.npz"))) == 4
     assert not list(root.rglob("*.npz"))
 
@@ -528,12 +537,14 @@ def test_tiny_imagenet_errors(tmp_path, kind):
 
 
 # ----------------------------------------------------------------------------- tfds
-tfds = pytest.importorskip("tensorflow_datasets")
+@pytest.fixture
+def tfds():
+    return pytest.importorskip("tensorflow_datasets")
 
 
 @pytest.mark.parametrize("name,shape,k", [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10),
                                           ("cifar100", (32, 32, 3), 100)])
-def test_tfds_mock_random(name, shape, k):
+def test_tfds_mock_random(tfds, name, shape, k):
     # tfds 4.9.10's mock_data patches the ArrayRecord reader under a real
     # ArrayRecordDataSource, so tfds.data_source and its deserialisation both run.
     with tfds.testing.mock_data(num_examples=9):
@@ -545,7 +556,7 @@ def test_tfds_mock_random(name, shape, k):
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar100"])
-def test_tfds_mock_exact(tmp_path, name):
+def test_tfds_mock_exact(tfds, tmp_path, name):
     shape, k = data.dataset_info(name)
     x = rand_images(5, shape, 3)
     calls = []
@@ -564,7 +575,7 @@ def test_tfds_mock_exact(tmp_path, name):
     assert not list(tmp_path.iterdir())
 
 
-def test_tfds_bad_records_are_data_errors(tmp_path):
+def test_tfds_bad_records_are_data_errors(tfds, tmp_path):
     def as_data_source(self, split, **kwargs):
         return [{"image": np.zeros((27, 28, 1), np.uint8), "label": np.int64(0)}]
 
@@ -580,7 +591,7 @@ def test_tfds_bad_records_are_data_errors(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None,
                     reason="with TensorFlow installed tfds would try to download")
-def test_tfds_unprepared_without_tensorflow(tmp_path):
+def test_tfds_unprepared_without_tensorflow(tfds, tmp_path):
     d = tmp_path / "tfds"
     d.mkdir()
     msg = expect_error(lambda: data.load_split("cifar100", "train", data_dir=d, source="tfds"),
