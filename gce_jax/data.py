@@ -430,20 +430,34 @@ def _find_layout(name: str, data_dir: Path) -> _Layout | None:
 
 
 def _has_local_layout(name: str, data_dir: Any) -> bool:
-    return data_dir is not None and _find_layout(name, Path(data_dir)) is not None
+    if data_dir is None:
+        return False
+    try:
+        return _find_layout(name, Path(data_dir)) is not None
+    except OSError:
+        return True  # unreadable: let the local reader report it with the layout
 
 
 def _load_local(name: str, split: str, data_dir: Path, cache_dir: Any, cache: bool,
                 limit_per_class: int | None) -> ArrayDataset:
     if not data_dir.exists():
         raise _fail(name, data_dir, "data_dir does not exist")
+    try:
+        return _load_local_layout(name, split, data_dir, cache_dir, cache, limit_per_class)
+    except OSError as err:  # e.g. permissions; the readers wrap expected failures themselves
+        raise _fail(name, getattr(err, "filename", None) or data_dir,
+                    f"unreadable data ({type(err).__name__}: {err})") from err
+
+
+def _load_local_layout(name: str, split: str, data_dir: Path, cache_dir: Any, cache: bool,
+                       limit_per_class: int | None) -> ArrayDataset:
     layout = _find_layout(name, data_dir)
     if layout is None:
         raise _fail(name, data_dir, f"no recognised {name} layout in data_dir")
     if layout.kind == "idx":
         return _load_mnist_idx(layout.path, split)
     if layout.kind == "cifar_pickle":
-        return _load_cifar_pickles(name, split, layout.path, _read_path)
+        return _load_cifar_pickles(name, split, layout.path)
 
     def decode() -> ArrayDataset:
         if layout.kind == "tiny_imagenet":
@@ -457,10 +471,6 @@ def _load_local(name: str, split: str, data_dir: Path, cache_dir: Any, cache: bo
     if not cache:
         return decode()
     return _cached(name, split, layout, cache_dir, limit_per_class, decode)
-
-
-def _read_path(path: Path) -> bytes:
-    return path.read_bytes()
 
 
 # --- MNIST IDX
@@ -589,7 +599,7 @@ def _cifar_files(name: str, split: str) -> tuple[tuple[str, ...], str]:
     return _CIFAR100_PICKLES[split], "meta"
 
 
-def _load_cifar_pickles(name: str, split: str, d: Path, read) -> ArrayDataset:
+def _load_cifar_pickles(name: str, split: str, d: Path) -> ArrayDataset:
     files, meta = _cifar_files(name, split)
     parts = []
     for f in files:
@@ -597,7 +607,7 @@ def _load_cifar_pickles(name: str, split: str, d: Path, read) -> ArrayDataset:
         if not p.is_file():
             raise _fail(name, p, "missing CIFAR batch file")
         try:
-            raw = read(p)
+            raw = p.read_bytes()
         except OSError as err:
             raise _fail(name, p, f"unreadable file ({err})") from err
         parts.append(_cifar_batch(name, p, raw))
@@ -684,6 +694,19 @@ def _load_image_folder(name: str, split: str, root: Path, limit_per_class: int |
     return _assemble_image_folder(name, split, entries, split_dir, limit_per_class)
 
 
+def _first_per_class(entries: list[tuple[str, str, Any]], k: int | None) -> list[tuple[str, str, Any]]:
+    # Filtering before decoding is what makes limit_per_class cheap for image files.
+    if k is None:
+        return entries
+    seen: dict[str, int] = {}
+    kept = []
+    for e in entries:
+        seen[e[0]] = seen.get(e[0], 0) + 1
+        if seen[e[0]] <= k:
+            kept.append(e)
+    return kept
+
+
 def _class_order(name: str, found: set[str]) -> tuple[str, ...]:
     if name == "cifar10" and found == set(CIFAR10_CLASSES):
         return CIFAR10_CLASSES
@@ -702,14 +725,7 @@ def _assemble_image_folder(name: str, split: str, entries: list[tuple[str, str, 
     index = {c: i for i, c in enumerate(classes)}
     # Deterministic order: by class label, then file name.
     entries = sorted(entries, key=lambda e: (index[e[0]], e[1]))
-    if limit_per_class is not None:
-        seen: dict[str, int] = {}
-        kept = []
-        for e in entries:
-            if seen.get(e[0], 0) < limit_per_class:
-                seen[e[0]] = seen.get(e[0], 0) + 1
-                kept.append(e)
-        entries = kept
+    entries = _first_per_class(entries, limit_per_class)
     images = np.empty((len(entries),) + shape, np.uint8)
     for i, (cls, fname, src) in enumerate(entries):
         images[i] = _decode_image(name, src, f"{where}/{cls}/{fname}", shape)
@@ -790,14 +806,7 @@ def _load_tiny_imagenet(root: Path, split: str, limit_per_class: int | None) -> 
                 raise _fail(name, img_dir / fields[0], "image listed in val_annotations.txt is missing")
             entries.append((fields[1], fields[0], img_dir / fields[0]))
         where = img_dir
-    if limit_per_class is not None:
-        count: dict[str, int] = {}
-        kept = []
-        for e in entries:
-            if count.get(e[0], 0) < limit_per_class:
-                count[e[0]] = count.get(e[0], 0) + 1
-                kept.append(e)
-        entries = kept
+    entries = _first_per_class(entries, limit_per_class)
     images = np.empty((len(entries),) + shape, np.uint8)
     for i, (_, fname, path) in enumerate(entries):
         images[i] = _decode_image(name, path, path, shape)  # some JPEGs are grayscale
