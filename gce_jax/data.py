@@ -189,6 +189,28 @@ class ArrayDataset:
         )
 
 
+def resize_dataset(ds: ArrayDataset, size: tuple[int, int]) -> ArrayDataset:
+    """Bilinear resize of every image to ``size = (h, w)``, still uint8.
+
+    Used to run 28x28 models (LeNet-5) on the 8x8 digits in the offline
+    quickstart; done once at load time so the pipeline stays a gather.
+    """
+    from PIL import Image
+
+    h, w = (int(v) for v in size)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"resize needs a positive (h, w), got {size}")
+    if ds.image_shape[:2] == (h, w):
+        return ds
+    channels = ds.image_shape[2]
+    out = np.empty((len(ds), h, w, channels), np.uint8)
+    for i, img in enumerate(ds.images):
+        for c in range(channels):
+            out[i, :, :, c] = np.asarray(
+                Image.fromarray(img[:, :, c]).resize((w, h), Image.BILINEAR))
+    return dataclasses.replace(ds, images=out)
+
+
 def dataset_info(name: str) -> tuple[tuple[int, int, int], int]:
     """``(image_shape HWC, num_classes)`` for ``name``, without loading any data."""
     try:

@@ -746,3 +746,15 @@ def test_train_val_split():
     for kw in ({}, {"val_size": 5, "val_fraction": 0.1}, {"val_size": 100}, {"val_fraction": 1.0}):
         with pytest.raises(ValueError):
             data.train_val_split(ds, seed=0, **kw)
+
+
+def test_resize_dataset_keeps_labels_and_range():
+    ds = data.load_split("digits", "train")
+    big = data.resize_dataset(ds, (28, 28))
+    assert big.images.shape == (len(ds), 28, 28, 1) and big.images.dtype == np.uint8
+    np.testing.assert_array_equal(big.labels, ds.labels)
+    # Bilinear upsampling preserves the mean intensity approximately.
+    assert abs(big.images.mean() - ds.images.mean()) < 5
+    assert data.resize_dataset(ds, (8, 8)) is ds
+    with pytest.raises(ValueError, match="positive"):
+        data.resize_dataset(ds, (0, 28))
