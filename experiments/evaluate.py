@@ -1,0 +1,291 @@
+r"""Robustness evaluation of a trained checkpoint, with gradient-masking checks.
+
+    python -m experiments.evaluate --workdir runs/<name> \
+        [--attacks fgsm,bim,pgd,mim] [--eps 0.1,0.2,0.3] [--n 10000] [--seed 0] \
+        [--reference_workdir runs/<xe run>] [--out results/<name>]
+
+Writes ``<out>/robustness.json``, ``<out>/robustness.md`` and (with the
+diagnostics) ``<out>/accuracy_vs_eps.png``; ``<out>`` defaults to
+``results/<basename of workdir>``. Every file is written to a temporary file
+and renamed, and only after all attacks have finished, so an interrupted or
+failed run never leaves partial results. Bad input gives one error line on
+stderr, exit status 2, and writes nothing.
+
+Attack names are those of ``gce_jax.attacks.ATTACKS``, optionally with the
+objective: ``pgd:margin``, ``apgd:dlr``, ``square:xe``. Attacks without an
+eps (``jsma``, ``carlini_wagner_l2``) run once with the paper's settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Any, Sequence
+
+PNG_NAME = "accuracy_vs_eps.png"
+
+
+class CLIError(Exception):
+    """Bad command-line input; reported as one line, nothing is written."""
+
+
+def _float_list(text: str) -> list[float]:
+    vals = []
+    for part in text.replace(",", " ").split():
+        try:
+            vals.append(float(part))
+        except ValueError:
+            raise CLIError(f"--eps: {part!r} is not a number") from None
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.evaluate",
+        description="Attack a checkpoint and check the result for gradient masking.")
+    p.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints)")
+    p.add_argument("--attacks", nargs="+", default=None,
+                   help="attack names, comma or space separated; name:loss picks the "
+                        "objective (xe|margin|dlr|gce). Default: fgsm,bim,pgd,mim (the paper's)")
+    p.add_argument("--eps", nargs="+", default=None,
+                   help="L_inf budgets (also the start of the diagnostics' curve). "
+                        "Default: the run's config.eval.pgd_eps")
+    p.add_argument("--n", type=int, default=10000,
+                   help="test examples (a seeded random subset when fewer than the split)")
+    p.add_argument("--seed", type=int, default=0, help="subset selection and attack randomness")
+    p.add_argument("--reference_workdir", default=None,
+                   help="cross-entropy run with the same architecture, for the transfer check")
+    p.add_argument("--out", default=None, help="output directory (default results/<run>)")
+    p.add_argument("--run_name", default=None, help="name in the report (default: basename of workdir)")
+    p.add_argument("--selection", choices=("last", "best_val"), default=None,
+                   help="checkpoint to load (default: the run's config.selection)")
+    p.add_argument("--batch_size", type=int, default=500, help="examples per attack call")
+    p.add_argument("--pgd_steps", type=int, default=None, help="default: config.eval.pgd_steps")
+    p.add_argument("--pgd_step_size", type=float, default=None,
+                   help="default: config.eval.pgd_step_size")
+    p.add_argument("--no_diagnostics", action="store_true", help="skip the gradient-masking checks")
+    p.add_argument("--diag_eps", type=float, default=None,
+                   help="eps of diagnostics checks 2-6 (default: grid eps nearest half clean accuracy)")
+    p.add_argument("--restarts", type=int, default=5, help="PGD restarts for the convergence check")
+    p.add_argument("--apgd_steps", type=int, default=100, help="APGD iterations (AutoAttack: 100)")
+    p.add_argument("--square_queries", type=int, default=5000, help="Square queries (AutoAttack: 5000)")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm bars")
+    return p
+
+
+def _split_names(values: Sequence[str] | None) -> list[str]:
+    if values is None:
+        return []
+    return [n for v in values for n in v.replace(",", " ").split()]
+
+
+def _check_workdir(path: str, flag: str) -> None:
+    if not os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} does not exist or is not a directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CLIError(f"{flag} {path!r} has no config.json; is it a training run directory?")
+    ckpts = [d for d in ("checkpoints", "checkpoints_best")
+             if os.path.isdir(os.path.join(path, d)) and os.listdir(os.path.join(path, d))]
+    if not ckpts:
+        raise CLIError(f"{flag} {path!r} has no checkpoint (expected {path}/checkpoints/<step>)")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Everything checkable without loading a model; raises CLIError."""
+    if args.n <= 0:
+        raise CLIError(f"--n must be > 0, got {args.n}")
+    if args.batch_size <= 0:
+        raise CLIError(f"--batch_size must be > 0, got {args.batch_size}")
+    for flag in ("restarts", "apgd_steps", "square_queries"):
+        if getattr(args, flag) < 1:
+            raise CLIError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.pgd_steps is not None and args.pgd_steps < 1:
+        raise CLIError(f"--pgd_steps must be >= 1, got {args.pgd_steps}")
+    if args.pgd_step_size is not None and not args.pgd_step_size > 0:
+        raise CLIError(f"--pgd_step_size must be > 0, got {args.pgd_step_size}")
+    if args.eps is not None:
+        eps = _float_list(" ".join(args.eps))
+        if not eps:
+            raise CLIError("--eps needs at least one value")
+        bad = [e for e in eps if not (e >= 0) or e != e or e == float("inf")]
+        if bad:
+            raise CLIError(f"--eps must be >= 0 and finite, got {bad}")
+        args.eps = eps
+    if args.diag_eps is not None and not (0 < args.diag_eps <= 1):
+        raise CLIError(f"--diag_eps must be in (0, 1], got {args.diag_eps}")
+    _check_workdir(args.workdir, "--workdir")
+    if args.reference_workdir is not None:
+        _check_workdir(args.reference_workdir, "--reference_workdir")
+
+
+def _parse_attacks(names: list[str], registry) -> list[tuple[str, str]]:
+    from gce_jax.evaluation import EvaluationError, parse_attack_name
+    out = []
+    for n in names:
+        try:
+            out.append(parse_attack_name(n, registry))
+        except EvaluationError as e:
+            raise CLIError(str(e)) from None
+    return out
+
+
+def _load(workdir: str, selection: str | None, flag: str):
+    from gce_jax import train
+    try:
+        return train.load_for_eval(workdir, selection)
+    except Exception as e:  # noqa: BLE001 -- any load failure is one clear error
+        raise CLIError(f"{flag} {workdir!r}: could not load the checkpoint: "
+                       f"{type(e).__name__}: {e}") from None
+
+
+def _load_test_set(config, n: int, seed: int):
+    import numpy as np
+
+    from gce_jax import data as data_lib
+    split = config.data.get("test_split", "test")
+    try:
+        ds = data_lib.load_split(config.dataset, split, data_dir=config.data.get("data_dir"),
+                                 source=config.data.get("source", "auto"))
+        if config.data.get("resize"):
+            ds = data_lib.resize_dataset(ds, tuple(config.data.resize))
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"could not load the {config.dataset} {split} split: "
+                       f"{type(e).__name__}: {e}") from None
+    total = len(ds)
+    if n >= total:
+        idx = np.arange(total)
+        selection = f"all {total} examples"
+    else:
+        # A seeded random subset: test splits may be ordered by class.
+        idx = np.sort(np.random.default_rng(seed).permutation(total)[:n])
+        selection = f"random subset of {n}/{total} (numpy default_rng({seed}))"
+    info = {"dataset": config.dataset, "split": split, "n": int(len(idx)),
+            "total": total, "selection": selection, "origin": getattr(ds, "origin", "")}
+    return ds.images[idx], ds.labels[idx], info
+
+
+def _main_specs(attacks: list[tuple[str, str]], eps: list[float], config, args):
+    from gce_jax import evaluation as E
+    specs = []
+    pgd_kw = {"steps": args.pgd_steps, "step_size": args.pgd_step_size,
+              "random_start": bool(config.eval.get("pgd_random_start", True))}
+    for attack, loss in attacks:
+        if attack in E.FIXED_OBJECTIVE:
+            if attack == "jsma":
+                for g in E.PAPER_JSMA_GAMMA.get(config.dataset, (0.25,)):
+                    specs.append(E.paper_spec(attack, None, gamma=g, label=f"jsma (gamma={g:g})"))
+            else:
+                specs.append(E.paper_spec(attack, None))
+            continue
+        for e in eps:
+            kw = dict(pgd_kw) if attack == "pgd" else {}
+            if attack == "apgd":
+                kw["steps"] = args.apgd_steps
+            if attack == "square":
+                kw["n_queries"] = args.square_queries
+            specs.append(E.paper_spec(attack, e, loss=loss, **kw))
+    return specs
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    """Runs the evaluation; returns the report (already written)."""
+    _validate(args)
+    from gce_jax.attacks import ATTACKS
+    attacks = _parse_attacks(_split_names(args.attacks) or ["fgsm", "bim", "pgd", "mim"], ATTACKS)
+
+    from gce_jax import diagnostics as D
+    from gce_jax import evaluation as E
+    from gce_jax import plots
+    from gce_jax.attacks import inference_logits_fn
+
+    model, variables, config = _load(args.workdir, args.selection, "--workdir")
+    ref = None
+    run_name = args.run_name or os.path.basename(os.path.normpath(args.workdir))
+    if args.reference_workdir is not None:
+        rmodel, rvars, rconfig = _load(args.reference_workdir, None, "--reference_workdir")
+        if (rconfig.dataset, rconfig.model) != (config.dataset, config.model):
+            raise CLIError(
+                f"--reference_workdir is {rconfig.model} on {rconfig.dataset}, but the model "
+                f"under test is {config.model} on {config.dataset}; the transfer check needs "
+                "the same architecture and data set")
+        if rconfig.loss != "xe":
+            print(f"warning: reference model was trained with {rconfig.loss!r}, not 'xe'",
+                  file=sys.stderr)
+        ref = (inference_logits_fn(rmodel, rvars),
+               os.path.basename(os.path.normpath(args.reference_workdir)))
+
+    ev_cfg = config.get("eval", {})
+    args.pgd_steps = args.pgd_steps or int(ev_cfg.get("pgd_steps", 40))
+    args.pgd_step_size = args.pgd_step_size or float(ev_cfg.get("pgd_step_size", 0.01))
+    eps = args.eps if args.eps is not None else [
+        float(e) for e in (ev_cfg.get("pgd_eps") or E.default_eps(config.dataset))]
+
+    x, y, data_info = _load_test_set(config, args.n, args.seed)
+    logits_fn = inference_logits_fn(model, variables)
+    ev = E.Evaluator(logits_fn, x, y, seed=args.seed, batch_size=args.batch_size,
+                     registry=ATTACKS, progress=not args.no_progress)
+    results = []
+    try:
+        for spec in _main_specs(attacks, eps, config, args):
+            results.append(ev.run(spec))
+    except E.EvaluationError as e:
+        raise CLIError(str(e)) from None
+
+    diag_json, diag_results, png = None, [], None
+    verdict = f"{D.VERDICT_INCONCLUSIVE}: diagnostics not run (--no_diagnostics)"
+    if not args.no_diagnostics:
+        dcfg = D.DiagnosticsConfig(
+            eps=args.diag_eps, eps_grid=tuple(e for e in eps if e > 0) or (0.1,),
+            pgd_steps=args.pgd_steps, pgd_step_size=args.pgd_step_size,
+            apgd_steps=args.apgd_steps, square_queries=args.square_queries,
+            restarts=args.restarts, model_loss=config.get("loss"))
+        diag = D.run_diagnostics(ev, dcfg, reference_logits_fn=ref[0] if ref else None,
+                                 reference_name=ref[1] if ref else None,
+                                 extra_results=results)
+        png = plots.render_accuracy_vs_eps(
+            {f"PGD-xe ({args.pgd_steps} steps)": (diag.curve_eps, diag.curve_accuracy)},
+            title=f"{run_name}: robust accuracy vs eps", zero_line=D.ZERO_ACC_MAX,
+            marks=[diag.eps])
+        diag.plot = PNG_NAME
+        diag_json = diag.to_json()
+        diag_results = diag.results
+        verdict = diag.verdict
+
+    resolved = config.get("resolved", {})
+    model_info = {
+        "name": config.model, "dataset": config.dataset, "loss": config.get("loss"),
+        "alpha": config.get("alpha"), "num_classes": resolved.get("num_classes"),
+        "selection": args.selection or config.get("selection"),
+        "training_method": config.get("training", {}).get("method", "standard"),
+        "adversarial_training": bool(config.get("training", {}).get("adversarial", {})
+                                     .get("enabled", False)),
+        "config_name": config.get("name"),
+        "reference_workdir": args.reference_workdir,
+    }
+    command = " ".join(shlex.quote(a) for a in ["python", "-m", "experiments.evaluate", *argv])
+    report = E.build_report(run=run_name, workdir=os.path.abspath(args.workdir),
+                            command=command, model=model_info, data=data_info, evaluator=ev,
+                            results=results, diagnostics=diag_json, verdict=verdict,
+                            extra_results=diag_results)
+    out = args.out or os.path.join("results", run_name)
+    jpath, mpath = E.write_report(out, report, extra_files={PNG_NAME: png} if png else None)
+    print(f"wrote {jpath} and {mpath}")
+    print(f"Verdict ({run_name}): {verdict}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, argv)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
