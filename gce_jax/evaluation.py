@@ -131,6 +131,8 @@ class AttackSpec:
       restarts: independent runs with different keys; an example is robust
         only if it survives all of them.
       label: display name; defaults to ``attack-loss``.
+      threat_norm: threat model (``linf | l2 | l0``); defaults to the
+        registry attack's (``ATTACK_NORMS``).
     """
 
     attack: str
@@ -139,6 +141,7 @@ class AttackSpec:
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     restarts: int = 1
     label: str = ""
+    threat_norm: str | None = None
 
     def __post_init__(self):
         if self.eps is not None and (not math.isfinite(self.eps) or self.eps < 0):
@@ -151,7 +154,7 @@ class AttackSpec:
 
     @property
     def norm(self) -> str:
-        return ATTACK_NORMS.get(self.attack, "unknown")
+        return self.threat_norm or ATTACK_NORMS.get(self.attack, "unknown")
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready attack settings (params plus restarts), as requested."""
@@ -172,7 +175,7 @@ class AttackSpec:
     def key(self) -> str:
         """Stable identity, used for caching and for deriving the PRNG key."""
         return json.dumps({"a": self.attack, "e": self.eps, "l": self.loss,
-                           "p": self.settings()}, sort_keys=True)
+                           "p": self.settings(), "n": self.norm}, sort_keys=True)
 
 
 def paper_spec(attack: str, eps: float | None, *, loss: str | None = DEFAULT_OBJECTIVE,
