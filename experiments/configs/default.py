@@ -1,0 +1,86 @@
+"""Base config: every field the training loop reads, with neutral defaults.
+
+Not an experiment by itself; the files next to it start from ``get_config()``
+and set the paper's values. Any field can be overridden on the command line::
+
+    python -m experiments.train --config experiments/configs/mnist_lenet5.py:gce \
+        --workdir runs/mnist_lenet5_gce --config.seed=1 --config.epochs=5
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "default"
+
+    # Objective: 'xe' | 'gce' | 'complement'. GCE uses alpha and the paper's
+    # log(K-1) normalisation (Eq. 3) when loss_normalize.
+    c.loss = "xe"
+    c.alpha = 1.0 / 3.0
+    c.loss_normalize = True
+
+    c.model = "lenet5"  # lenet5 | resnet{20,32,44,56,110} | resnet50
+    c.dataset = "mnist"  # mnist | cifar10 | cifar100 | tiny_imagenet | digits
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.source = "auto"  # auto | local | tfds (see gce_jax.data.load_split)
+    c.data.val_size = 5000  # held out of train for selection; 0 = no val split
+    c.data.test_split = "test"
+    c.data.augment = False  # random crop (pad 4) + horizontal flip
+    c.data.resize = ml_collections.FieldReference(None, field_type=tuple)  # (h, w)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd | adam
+    c.optimizer.learning_rate = 0.1
+    c.optimizer.momentum = 0.9  # sgd
+    c.optimizer.nesterov = False  # sgd
+    c.optimizer.b1 = 0.9  # adam
+    c.optimizer.b2 = 0.999  # adam
+    c.optimizer.eps = 1e-8  # adam
+    c.optimizer.weight_decay = 0.0  # L2 added to the gradient (PyTorch style)
+
+    c.lr_schedule = ml_collections.ConfigDict()
+    c.lr_schedule.name = "constant"  # constant | piecewise | cosine
+    c.lr_schedule.boundaries_epochs = (100, 150)  # piecewise: multiply by decay_factor
+    c.lr_schedule.decay_factor = 0.1
+
+    c.epochs = 1
+    c.batch_size = 128  # global, over all devices and hosts
+    c.eval_batch_size = 1000
+    c.seed = 0
+    # Model kept for evaluation: 'last' epoch or 'best_val' (validation
+    # accuracy). Never the test set (the reference code's selection bias).
+    c.selection = "last"
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3  # last N epochs (+ the best-val one)
+
+    c.training = ml_collections.ConfigDict()
+    c.training.method = "standard"  # standard | cot
+    c.training.cot = ml_collections.ConfigDict()
+    # COT's complement step: reference divides the batch mean by K.
+    c.training.cot.complement_normalization = "num_classes"  # | log_k_minus_1 | none
+    c.training.adversarial = ml_collections.ConfigDict()
+    c.training.adversarial.enabled = False  # PGD adversarial training (Madry et al.)
+    c.training.adversarial.eps = 0.3
+    c.training.adversarial.steps = 40
+    c.training.adversarial.step_size = 0.01
+    c.training.adversarial.random_start = True
+    c.training.adversarial.mix = 0.0  # fraction of natural examples per batch
+
+    # Read by experiments/evaluate.py, not by training.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.pgd_eps = (0.3,)
+    c.eval.pgd_steps = 40
+    c.eval.pgd_step_size = 0.01
+    c.eval.pgd_random_start = True
+
+    c.eval_test_every_epoch = True  # logged only; never used for selection
+    c.log_every_steps = 100  # device->host metric fetch / NaN check interval
+    c.progress_bar = True
+    return c

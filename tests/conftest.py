@@ -1,0 +1,22 @@
+"""Test session setup (environment only; nothing here imports jax).
+
+* 4 simulated CPU devices for the data-parallel tests. XLA reads the flag
+  once, when the CPU backend starts, so it must be set before any test runs
+  jax. Single-device code builds an explicit 1-device mesh and is unaffected.
+* A persistent XLA compilation cache: tests compile the same small programs
+  many times (every training run builds its own jitted step), and on a busy
+  2-core machine compilation dominates test time. Set
+  JAX_COMPILATION_CACHE_DIR yourself to move or share it.
+"""
+
+import os
+import tempfile
+
+_FLAG = "--xla_force_host_platform_device_count=4"
+if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"gce_jax_test_xla_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -1,0 +1,284 @@
+"""The training loop end to end on a tiny synthetic problem (LeNet-5, 1 device).
+
+One uninterrupted 2-epoch run and one run stopped after epoch 1 are built once
+per module and shared; each test copies what it needs to mutate.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import default
+from gce_jax import parallel, train
+from gce_jax.data import ArrayDataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def synthetic(n, seed, shape=(28, 28, 1), k=10):
+    """Learnable toy data: the class sets the brightness of one image row band."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n).astype(np.int32)
+    x = rng.integers(0, 60, (n, *shape)).astype(np.uint8)
+    rows = shape[0] // k
+    for i, c in enumerate(y):
+        x[i, c * rows:(c + 1) * rows] = 255
+    return ArrayDataset(x, y, k, "synthetic")
+
+
+DATA = train.Datasets(synthetic(64, 0), synthetic(32, 1), synthetic(40, 2))
+
+
+def tiny_config(**overrides):
+    c = default.get_config()
+    c.model, c.dataset, c.loss = "lenet5", "mnist", "gce"
+    c.optimizer.name, c.optimizer.learning_rate = "adam", 3e-3
+    c.optimizer.b1, c.optimizer.b2 = 0.9, 0.99
+    c.batch_size, c.eval_batch_size = 16, 32
+    c.epochs, c.data.val_size, c.selection = 2, 32, "best_val"
+    c.checkpoint.keep = 2
+    c.progress_bar, c.log_every_steps = False, 2
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def one_device():
+    return parallel.make_mesh(jax.devices()[:1])
+
+
+def tree_digest(path) -> dict:
+    """{relative path: sha256} of every file under path (detects any change)."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    full, part = str(base / "full"), str(base / "part")
+    result = train.train_and_evaluate(tiny_config(), full, datasets=DATA, mesh=one_device())
+    train.train_and_evaluate(tiny_config(epochs=1), part, datasets=DATA, mesh=one_device())
+    stopped = str(base / "stopped_after_1")
+    shutil.copytree(part, stopped)
+    resumed = train.train_and_evaluate(tiny_config(), part, datasets=DATA, mesh=one_device())
+    return {"full": full, "resumed": part, "stopped": stopped,
+            "result": result, "resumed_result": resumed}
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_outputs_metrics_and_selection(runs):
+    wd, result = runs["full"], runs["result"]
+    lines = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for r in lines:
+        for key in ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_time_s",
+                    "wall_time_s", "images_per_s"):
+            assert key in r and r[key] is not None and np.isfinite(r[key]), key
+        assert r["lr"] == pytest.approx(3e-3)
+    assert lines[1]["train_loss"] < lines[0]["train_loss"]  # it learns
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tb")))
+    with open(os.path.join(wd, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["model"] == "lenet5" and cfg["resolved"]["num_classes"] == 10
+    assert cfg["resolved"]["input_shape"] == [28, 28, 1]
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1", "2"]
+
+    # best_val selection: the epoch with the highest validation accuracy
+    # (first one on ties), and its test accuracy, never the best test one.
+    val = [r["val_acc"] for r in lines]
+    best = int(np.argmax(val)) + 1
+    assert result["selected_epoch"] == best
+    assert result["test_acc"] == pytest.approx(lines[best - 1]["test_acc"])
+    model, variables, config = train.load_for_eval(wd)
+    assert config.selection == "best_val"
+    acc = train.evaluate_accuracy(model, variables, DATA.test, 40, mesh=one_device())
+    assert acc == pytest.approx(result["test_acc"])
+    # 'last' restores epoch 2, whose test accuracy was logged.
+    model, variables, _ = train.load_for_eval(wd, "last")
+    acc_last = train.evaluate_accuracy(model, variables, DATA.test, 8)  # all 4 devices
+    assert acc_last == pytest.approx(lines[1]["test_acc"])
+
+
+def test_resume_is_bit_identical(runs):
+    _, v_full, _ = train.load_for_eval(runs["full"], "last")
+    _, v_res, _ = train.load_for_eval(runs["resumed"], "last")
+    for a, b in zip(jax.tree.leaves(v_full), jax.tree.leaves(v_res)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    full = read_jsonl(os.path.join(runs["full"], "metrics.jsonl"))
+    res = read_jsonl(os.path.join(runs["resumed"], "metrics.jsonl"))
+    assert [r["epoch"] for r in res] == [1, 2]
+    assert res[1]["train_loss"] == full[1]["train_loss"]
+    assert res[1]["val_acc"] == full[1]["val_acc"]
+    # The resumed run really started from epoch 1's checkpoint: a different
+    # seed would not reproduce epoch 2.
+    assert runs["resumed_result"]["test_acc"] == runs["result"]["test_acc"]
+
+
+def test_finished_run_is_not_retrained(runs, tmp_path):
+    wd = str(tmp_path / "done")
+    shutil.copytree(runs["full"], wd)
+    before = tree_digest(os.path.join(wd, "checkpoints"))
+    result = train.train_and_evaluate(tiny_config(), wd, datasets=DATA, mesh=one_device())
+    assert result["test_acc"] == pytest.approx(runs["result"]["test_acc"])
+    assert tree_digest(os.path.join(wd, "checkpoints")) == before
+    assert len(read_jsonl(os.path.join(wd, "metrics.jsonl"))) == 2
+
+
+def test_nan_loss_stops_with_step_and_epoch_and_keeps_last_good_checkpoint(
+        runs, tmp_path, monkeypatch):
+    wd = str(tmp_path / "nan")
+    shutil.copytree(runs["stopped"], wd)
+    before = tree_digest(os.path.join(wd, "checkpoints"))
+
+    def nan_objective(config):
+        return lambda logits, labels: jnp.full(labels.shape, jnp.nan) + jnp.sum(logits, -1)
+
+    monkeypatch.setattr(train, "create_objective", nan_objective)
+    with pytest.raises(train.TrainingError, match=r"step 4 \(epoch 2\)"):
+        train.train_and_evaluate(tiny_config(), wd, datasets=DATA, mesh=one_device())
+    assert isinstance(train.TrainingError("x"), FloatingPointError)
+    # Epoch 1's checkpoint untouched, nothing saved or logged for epoch 2.
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1"]
+    assert tree_digest(os.path.join(wd, "checkpoints")) == before
+    assert len(read_jsonl(os.path.join(wd, "metrics.jsonl"))) == 1
+    monkeypatch.undo()
+    _, v, _ = train.load_for_eval(wd, "last")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(v))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("loss", "hinge", "loss='hinge'"),
+    ("model", "vgg16", "model='vgg16'"),
+    ("dataset", "imagenet", "dataset='imagenet'"),
+    ("alpha", -0.5, "alpha=-0.5"),
+    ("batch_size", 10, "batch_size=10"),
+    ("optimizer.name", "rmsprop", "optimizer.name"),
+    ("selection", "best_test", "never test"),
+    ("training.method", "mixup", "training.method"),
+])
+def test_bad_config_raises_before_writing(runs, tmp_path, field, value, match):
+    wd = str(tmp_path / "existing")
+    shutil.copytree(runs["stopped"], wd)
+    before = tree_digest(wd)
+    mesh4 = parallel.make_mesh(jax.devices()[:4])
+    with pytest.raises(train.ConfigError, match=match):
+        train.train_and_evaluate(tiny_config(**{field: value}), wd, datasets=DATA, mesh=mesh4)
+    assert tree_digest(wd) == before
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(train.ConfigError):
+        train.train_and_evaluate(tiny_config(**{field: value}), fresh, datasets=DATA, mesh=mesh4)
+    assert not os.path.exists(fresh)
+
+
+def test_resuming_with_another_model_is_refused(runs, tmp_path):
+    wd = str(tmp_path / "existing")
+    shutil.copytree(runs["stopped"], wd)
+    before = tree_digest(wd)
+    with pytest.raises(train.ConfigError, match="model"):
+        train.train_and_evaluate(tiny_config(model="resnet20"), wd, datasets=DATA,
+                                 mesh=one_device())
+    assert tree_digest(wd) == before
+
+
+def test_optimizer_and_schedule():
+    c = tiny_config(**{"optimizer.name": "sgd", "optimizer.learning_rate": 0.1,
+                       "optimizer.weight_decay": 1e-4, "lr_schedule.name": "piecewise",
+                       "lr_schedule.boundaries_epochs": (100, 150)})
+    lr = train.create_learning_rate_fn(c, steps_per_epoch=10)
+    assert float(lr(999)) == pytest.approx(0.1)
+    assert float(lr(1000)) == pytest.approx(0.01)
+    assert float(lr(1500)) == pytest.approx(0.001)
+    # PyTorch SGD semantics: buf = m*buf + (g + wd*p); p -= lr*buf.
+    tx = train.create_optimizer(c, steps_per_epoch=10)
+    p, g = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([0.5, 0.25])}
+    s = tx.init(p)
+    u1, s = tx.update(g, s, p)
+    buf = g["w"] + 1e-4 * p["w"]
+    np.testing.assert_allclose(u1["w"], -0.1 * buf, rtol=1e-6)
+    p2 = {"w": p["w"] + u1["w"]}
+    u2, _ = tx.update(g, s, p2)
+    np.testing.assert_allclose(u2["w"], -0.1 * (0.9 * buf + g["w"] + 1e-4 * p2["w"]), rtol=1e-6)
+
+
+CONFIGS = {
+    "mnist_lenet5": ("xe", "gce", "cot", "adv_xe", "adv_gce"),
+    "cifar10_resnet56": ("xe", "gce", "cot", "adv_xe", "adv_gce"),
+    "cifar100_resnet56": ("xe", "gce"),
+    "tiny_imagenet_resnet50": ("xe", "gce"),
+    "cifar10_reduced": ("xe", "gce", "cot", "adv_xe", "adv_gce"),
+}
+
+
+def _load(name, variant):
+    import importlib
+    return importlib.import_module(f"experiments.configs.{name}").get_config(variant)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_experiment_configs_are_valid(name):
+    mesh4 = parallel.make_mesh(jax.devices()[:4])
+    for variant in CONFIGS[name]:
+        c = _load(name, variant)
+        train.validate_config(c, mesh4)
+        assert c.selection in ("last", "best_val")
+        if variant in ("xe", "gce"):
+            assert c.loss == variant
+    with pytest.raises(ValueError):
+        _load(name, "nope")
+
+
+def test_paper_settings_in_configs():
+    m = _load("mnist_lenet5", "gce")
+    assert (m.optimizer.name, m.optimizer.learning_rate, m.optimizer.b1, m.optimizer.b2,
+            m.batch_size, m.epochs, m.alpha) == ("adam", 1e-3, 0.9, 0.99, 64, 20, 1 / 3)
+    r = _load("cifar10_resnet56", "xe")
+    assert (r.model, r.optimizer.name, r.optimizer.momentum, r.optimizer.weight_decay,
+            r.optimizer.learning_rate, tuple(r.lr_schedule.boundaries_epochs),
+            r.lr_schedule.decay_factor, r.epochs, r.batch_size) == (
+        "resnet56", "sgd", 0.9, 1e-4, 0.1, (100, 150), 0.1, 200, 128)
+    assert _load("cifar100_resnet56", "gce").dataset == "cifar100"
+    t = _load("tiny_imagenet_resnet50", "gce")
+    assert (t.model, t.dataset, t.epochs) == ("resnet50", "tiny_imagenet", 200)
+    red = _load("cifar10_reduced", "gce")
+    assert red.model == "resnet20" and red.epochs < 20 and "reduced" in red.name
+
+
+def test_cli_trains_and_rejects_bad_config(tmp_path):
+    wd = str(tmp_path / "cli")
+    cmd = [sys.executable, "-m", "experiments.train",
+           "--config", "experiments/configs/mnist_lenet5.py:xe", "--workdir", wd,
+           "--config.dataset=digits", "--config.data.resize=(28, 28)",
+           "--config.data.val_size=0", "--config.selection=last", "--config.epochs=1",
+           "--config.batch_size=256", "--config.eval_batch_size=400",
+           "--config.progress_bar=False"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["epoch"] == 1 and 0.0 <= result["test_acc"] <= 1.0
+    assert len(read_jsonl(os.path.join(wd, "metrics.jsonl"))) == 1
+    bad = subprocess.run(cmd + ["--config.loss=hinge"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "loss='hinge'" in bad.stderr
