@@ -45,7 +45,9 @@ def latest_epoch_on_disk(workdir: str, which: str = "last") -> int | None:
 
 def _manager(directory: str, keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
+        # Read-only managers must not prune (orbax warns about anything else).
+        max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+        create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only,
         # Synchronous: a save has finished when save() returns, so the state
         # buffers can be donated to the next step and a crash right after an

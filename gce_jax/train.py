@@ -122,7 +122,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     check(get("selection") in SELECTIONS,
           f"selection={get('selection')!r}: expected one of {SELECTIONS} (never test)")
     val_size = get("data.val_size", 0)
-    check(isinstance(val_size, int) and val_size >= 0, f"data.val_size={val_size!r}: must be an int >= 0")
+    check(isinstance(val_size, int) and val_size >= 0,
+          f"data.val_size={val_size!r}: must be an int >= 0")
     if get("selection") == "best_val":
         check(isinstance(val_size, int) and val_size > 0,
               "selection='best_val' needs a validation split: set data.val_size > 0")
@@ -152,7 +153,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
               "training.method='standard'")
         eps, steps, step_size = adv.get("eps"), adv.get("steps"), adv.get("step_size")
         mix = adv.get("mix", 0.0)
-        check(isinstance(eps, (int, float)) and eps >= 0, f"training.adversarial.eps={eps!r}: must be >= 0")
+        check(isinstance(eps, (int, float)) and eps >= 0,
+              f"training.adversarial.eps={eps!r}: must be >= 0")
         check(isinstance(steps, int) and steps >= 1,
               f"training.adversarial.steps={steps!r}: must be an int >= 1")
         check(isinstance(step_size, (int, float)) and step_size > 0,
@@ -469,7 +471,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     return jax.jit(sharded, donate_argnums=(0, 1))
 
 
-def _eval_step(variables: dict, counts: jax.Array, batch: dict, *, model: nn.Module) -> jax.Array:
+def eval_step(variables: dict, counts: jax.Array, batch: dict, *, model: nn.Module) -> jax.Array:
+    """Adds this shard's ``(correct, total)`` to ``counts`` (run under shard_map).
+
+    Padded rows (``mask == 0``) count for neither.
+    """
     logits = model.apply(variables, batch["image"], train=False)
     hit = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
     local = jnp.stack([jnp.sum(hit), jnp.sum(batch["mask"])]).astype(jnp.int32)
@@ -478,7 +484,7 @@ def _eval_step(variables: dict, counts: jax.Array, batch: dict, *, model: nn.Mod
 
 @functools.lru_cache(maxsize=32)
 def _make_eval_step(model: nn.Module, mesh: Mesh) -> Callable:
-    sharded = jax.shard_map(functools.partial(_eval_step, model=model), mesh=mesh,
+    sharded = jax.shard_map(functools.partial(eval_step, model=model), mesh=mesh,
                             in_specs=(P(), P(), P(AXIS)), out_specs=P())
     return jax.jit(sharded, donate_argnums=(1,))
 
@@ -693,6 +699,7 @@ def _train_one_epoch(config: ml_collections.ConfigDict, state: TrainState, step_
                 bar.set_postfix(loss=f"{s['train_loss']:.4f}", acc=f"{s['train_acc']:.3f}")
         m = jax.device_get(metrics)
     finally:
+        batches.close()  # stops the prefetch thread on errors too
         bar.close()
     elapsed = time.time() - t0
     _check_finite(m, epoch)
@@ -747,7 +754,8 @@ def load_for_eval(workdir: str, selection: str | None = None
     which = selection or config.selection
     latest = ckpt_lib.latest_epoch_on_disk(workdir, which)
     if latest is None:
-        raise FileNotFoundError(f"no {which!r} checkpoint in {ckpt_lib.checkpoint_dir(workdir, which)}")
+        raise FileNotFoundError(
+            f"no {which!r} checkpoint in {ckpt_lib.checkpoint_dir(workdir, which)}")
     store = ckpt_lib.CheckpointStore(workdir, keep=config.checkpoint.keep, read_only=True)
     try:
         info = config.resolved

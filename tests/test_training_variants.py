@@ -96,7 +96,8 @@ def test_adversarial_step_attacks_in_inference_mode_and_matches_on_four_devices(
     tx = train.create_optimizer(config, steps_per_epoch=10)
     mesh1 = parallel.make_mesh(jax.devices()[:1])
     s0 = jax.device_get(train.create_train_state(config, model, tx, SHAPE, mesh1))
-    s0, _ = run_step(config_for(), model, tx, s0, random_batch(SHAPE, seed=3), 1)  # BN stats != init
+    # One natural step first, so the running statistics differ from their init.
+    s0, _ = run_step(config_for(), model, tx, s0, random_batch(SHAPE, seed=3), 1)
     batch = random_batch(SHAPE, seed=4)
 
     s_adv, m_adv = run_step(config, model, tx, s0, batch, 1)
