@@ -51,7 +51,9 @@ def apgd_checkpoints(steps: int) -> list[int]:
         if nxt > 1.0:
             break
         p.append(nxt)
-    ws = sorted({math.ceil(pj * steps) for pj in p[1:]})
+    # The small offset keeps float error (0.22 + 0.19 = 0.41000000000000003)
+    # from pushing ceil() one iteration late.
+    ws = sorted({math.ceil(pj * steps - 1e-9) for pj in p[1:]})
     return [w for w in ws if 0 < w < steps]
 
 

@@ -9,13 +9,13 @@ from :math:`w_0 = \operatorname{artanh}((2x - 1)\cdot 0.999999)`, and per exampl
     f = \max(Z_y - \max_{i\ne y} Z_i + \kappa, 0)\ \text{(untargeted)}
 
 on the logits ``Z``, by Adam (lr 1e-2, written out in ``jnp``). An iterate
-counts as a success when the class adjusted by kappa is the target
-(``argmax(Z - kappa e_t) = t``; untargeted ``argmax(Z + kappa e_y) != y``).
+counts as a success when the class adjusted by kappa (``confidence``) is the
+target (``argmax(Z - kappa e_t) = t``; untargeted ``argmax(Z + kappa e_y) != y``).
 
-Outer loop: ``binary_search_steps`` rounds of binary search over ``c``, per
+Outer loop: ``binary_steps`` rounds of binary search over ``c``, per
 example. Each round resets ``w`` to ``w_0`` and the Adam state, and runs at
-most ``max_iter`` steps; an example stops early (mask) when, at a check every
-``max_iter // 10`` steps, its loss exceeds 0.9999 x its loss at the previous
+most ``steps`` steps; an example stops early (mask) when, at a check every
+``steps // 10`` steps, its loss exceeds 0.9999 x its loss at the previous
 check. After the round: if the example succeeded, ``upper = min(upper, c)``
 and ``c = (lower + upper) / 2``; otherwise ``lower = max(lower, c)`` and ``c``
 is bisected if an upper bound exists, else multiplied by 10.
@@ -40,14 +40,14 @@ _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 _NO_BOUND = 1e10
 
 
-def _cw_core(fn: LogitsFn, x: Array, labels: Array, kappa: Array, lr: Array,
-             initial_const: Array, *, targeted: bool, binary_search_steps: int,
-             max_iter: int, abort_early: bool) -> Array:
+def _cw_core(fn: LogitsFn, x: Array, labels: Array, confidence: Array, lr: Array,
+             initial_const: Array, *, targeted: bool, binary_steps: int,
+             steps: int, abort_early: bool) -> Array:
     bsz = x.shape[0]
     axes = tuple(range(1, x.ndim))
     bshape = (-1,) + (1,) * (x.ndim - 1)
     w0 = jnp.arctanh((2.0 * x - 1.0) * 0.999999)
-    check_every = max(max_iter // 10, 1)
+    check_every = max(steps // 10, 1)
 
     def to_x(w):
         return (jnp.tanh(w) + 1.0) / 2.0
@@ -59,14 +59,14 @@ def _cw_core(fn: LogitsFn, x: Array, labels: Array, kappa: Array, lr: Array,
         z_l = jnp.sum(jnp.where(is_l, logits, 0.0), axis=-1)
         z_other = jnp.max(jnp.where(is_l, -jnp.inf, logits), axis=-1)
         f = (z_other - z_l) if targeted else (z_l - z_other)
-        f = jnp.maximum(f + kappa, 0.0)
+        f = jnp.maximum(f + confidence, 0.0)
         l2 = jnp.sum((xa - x) ** 2, axis=axes)
         loss = l2 + c * f
         # Sum, not mean: each example's gradient (and its Adam step) is its own.
         return jnp.sum(loss), (loss, l2, logits, xa)
 
     def succeeded(logits):
-        shift = kappa * jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+        shift = confidence * jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
         if targeted:
             return jnp.argmax(logits - shift, axis=-1) == labels
         return jnp.argmax(logits + shift, axis=-1) != labels
@@ -75,7 +75,7 @@ def _cw_core(fn: LogitsFn, x: Array, labels: Array, kappa: Array, lr: Array,
         lower, upper, c, o_l2, o_adv = outer
 
         def cond(s):
-            return (s["it"] < max_iter) & ~jnp.all(s["stopped"])
+            return (s["it"] < steps) & ~jnp.all(s["stopped"])
 
         def body(s):
             (_, (loss, l2, logits, xa)), g = jax.value_and_grad(
@@ -127,25 +127,25 @@ def _cw_core(fn: LogitsFn, x: Array, labels: Array, kappa: Array, lr: Array,
     outer = (jnp.zeros((bsz,), jnp.float32), jnp.full((bsz,), _NO_BOUND, jnp.float32),
              jnp.full((bsz,), initial_const, jnp.float32),
              jnp.full((bsz,), jnp.inf, jnp.float32), x)
-    *_, o_adv = jax.lax.fori_loop(0, binary_search_steps, search_round, outer)
+    *_, o_adv = jax.lax.fori_loop(0, binary_steps, search_round, outer)
     return o_adv
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "targeted", "binary_search_steps", "max_iter", "abort_early", "batch_chunk"))
-def _cw_jit(fn, x, labels, kappa, lr, initial_const, *, targeted,
-            binary_search_steps, max_iter, abort_early, batch_chunk):
+    "targeted", "binary_steps", "steps", "abort_early", "batch_chunk"))
+def _cw_jit(fn, x, labels, confidence, lr, initial_const, *, targeted,
+            binary_steps, steps, abort_early, batch_chunk):
     core = functools.partial(
-        _cw_core, fn, kappa=jnp.float32(kappa), lr=jnp.asarray(lr, x.dtype),
+        _cw_core, fn, confidence=jnp.float32(confidence), lr=jnp.asarray(lr, x.dtype),
         initial_const=jnp.float32(initial_const), targeted=targeted,
-        binary_search_steps=binary_search_steps, max_iter=max_iter,
+        binary_steps=binary_steps, steps=steps,
         abort_early=abort_early)
     return finish(run_chunked(core, batch_chunk, x, labels), x)
 
 
 def carlini_wagner_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
-                      targets: Any = None, targeted: bool = True, kappa: float = 0.0,
-                      binary_search_steps: int = 9, max_iter: int = 1000,
+                      targets: Any = None, targeted: bool = True, confidence: float = 0.0,
+                      binary_steps: int = 9, steps: int = 1000,
                       initial_const: float = 1e-3, learning_rate: float = 1e-2,
                       abort_early: bool = True,
                       batch_chunk: int | None = None) -> Array:
@@ -153,7 +153,7 @@ def carlini_wagner_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None 
 
     Paper defaults: targeted "average case" (a target drawn uniformly among
     the wrong classes), 9 binary search steps, 1000 iterations, initial
-    ``c = 1e-3``, ``kappa = 0``, Adam lr ``1e-2``.
+    ``c = 1e-3``, ``confidence = 0``, Adam lr ``1e-2``.
 
     Args:
         logits_fn: inference-mode ``x -> logits``.
@@ -162,7 +162,11 @@ def carlini_wagner_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None 
             (``draw_targets(key, y, K)``).
         targets: ``[B]`` target classes (targeted only).
         targeted: False attacks ``y`` untargeted.
-        kappa: confidence margin.
+        binary_steps: rounds of binary search over ``c``.
+        steps: maximum Adam steps per round.
+        initial_const: initial ``c``.
+        learning_rate: Adam step size.
+        confidence: kappa, the required logit margin (paper: 0).
         abort_early: per-example early stop when the loss stops decreasing.
         batch_chunk: process at most this many examples at once.
 
@@ -181,10 +185,10 @@ def carlini_wagner_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None 
         if targets is not None:
             raise ValueError("targets given but targeted=False")
         labels = y
-    if binary_search_steps < 1 or max_iter < 1:
-        raise ValueError("binary_search_steps and max_iter must be >= 1")
-    return _cw_jit(fn, x, labels, kappa, learning_rate, initial_const,
+    if binary_steps < 1 or steps < 1:
+        raise ValueError("binary_steps and steps must be >= 1")
+    return _cw_jit(fn, x, labels, confidence, learning_rate, initial_const,
                    targeted=bool(targeted),
-                   binary_search_steps=int(binary_search_steps),
-                   max_iter=int(max_iter), abort_early=bool(abort_early),
+                   binary_steps=int(binary_steps),
+                   steps=int(steps), abort_early=bool(abort_early),
                    batch_chunk=batch_chunk)

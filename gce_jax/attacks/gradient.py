@@ -173,7 +173,7 @@ def bim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     :func:`fgsm`.
     """
     return _iterative(logits_fn, x, y, key, eps=eps,
-                      step_size=eps / steps if step_size is None else step_size,
+                      step_size=eps / max(steps, 1) if step_size is None else step_size,
                       steps=steps, loss=loss, targeted=targeted,
                       early_stop=early_stop, batch_chunk=batch_chunk)
 
@@ -208,7 +208,7 @@ def mim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     (mu) 1.0, step ``eps / steps``, start at ``x``.
     """
     return _iterative(logits_fn, x, y, key, eps=eps,
-                      step_size=eps / steps if step_size is None else step_size,
+                      step_size=eps / max(steps, 1) if step_size is None else step_size,
                       steps=steps, momentum=decay, loss=loss, targeted=targeted,
                       early_stop=early_stop, batch_chunk=batch_chunk)
 
@@ -226,7 +226,7 @@ def pgd_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
     ``eps * U^(1/d)``), clipped to [0,1]. Default ``step_size = 2.5 eps / steps``.
     """
     return _iterative(logits_fn, x, y, key, eps=eps,
-                      step_size=2.5 * eps / steps if step_size is None else step_size,
+                      step_size=2.5 * eps / max(steps, 1) if step_size is None else step_size,
                       steps=steps, norm="l2", random_start=random_start, loss=loss,
                       targeted=targeted, early_stop=early_stop,
                       batch_chunk=batch_chunk)

@@ -45,39 +45,62 @@ PAIR_BUDGET = 1 << 25
 
 
 def _best_pair(a: Array, b: Array, dom: Array, increase: bool, rows: int):
-    """Per example: (has a valid pair, p, q) maximising the saliency score."""
+    """Per example: (has a valid pair, p, q) maximising the saliency score.
+
+    With ``theta > 0`` the score ``relu(a_p + a_q) * relu(-(b_p + b_q))`` equals
+    ``-(a_p + a_q)(b_p + b_q)`` on valid pairs and 0 elsewhere (``theta < 0``:
+    signs of ``a`` and ``b`` flipped), so a pair exists iff the maximum is > 0.
+    Features outside the domain get ``a = -inf``, which makes every pair that
+    contains them score 0 without a mask.
+
+    The N x N scores only feed a plain max over ``q`` (a fused, vectorised
+    reduction; the matrix is never stored): ``p`` is the argmax of the row
+    maxima and ``q`` the argmax of row ``p``, recomputed from the vectors.
+    (A flat argmax over N^2 is a much slower variadic reduction on CPU.)
+    The diagonal ``p = q`` is excluded by adding ``-inf`` to ``a_q`` there.
+    """
+    if not increase:
+        a, b = -a, -b
+    # Materialised (barrier) so that XLA does not re-fuse the masking into the
+    # N^2 loop, which costs a large factor on CPU.
+    a, b = jax.lax.optimization_barrier((jnp.where(dom, a, -jnp.inf), b))
     bsz, n = a.shape
-    n_blocks = math.ceil(n / rows)
-    pad = n_blocks * rows - n
-    a_r = jnp.pad(a, ((0, 0), (0, pad)))
-    b_r = jnp.pad(b, ((0, 0), (0, pad)))
-    dom_r = jnp.pad(dom, ((0, 0), (0, pad)))
     col = jnp.arange(n)
 
-    def block(j):
-        start = j * rows
-        ra = jax.lax.dynamic_slice_in_dim(a_r, start, rows, axis=1)
-        rb = jax.lax.dynamic_slice_in_dim(b_r, start, rows, axis=1)
-        rd = jax.lax.dynamic_slice_in_dim(dom_r, start, rows, axis=1)
-        row = start + jnp.arange(rows)
-        alpha = ra[:, :, None] + a[:, None, :]
-        beta = rb[:, :, None] + b[:, None, :]
-        ok = (alpha > 0) & (beta < 0) if increase else (alpha < 0) & (beta > 0)
-        ok = ok & rd[:, :, None] & dom[:, None, :] & (row[:, None] != col[None, :])
-        # Valid scores are > 0, so -1 marks "no pair" without -inf arithmetic.
-        score = jnp.where(ok, -alpha * beta, -1.0).reshape(bsz, rows * n)
-        k = jnp.argmax(score, axis=1)
-        best = jnp.take_along_axis(score, k[:, None], axis=1)[:, 0]
-        return best, start + k // n, k % n
+    def row_max(ra, rb, row):
+        # p == q is excluded through a = -inf on the diagonal; this [rows, N]
+        # mask is materialised once for the same reason as above.
+        no_diag = jax.lax.optimization_barrier(
+            jnp.where(row[:, None] == col[None, :], -jnp.inf, 0.0).astype(a.dtype))
+        score = (jax.nn.relu(ra[:, :, None] + (a[:, None, :] + no_diag[None]))
+                 * jax.nn.relu(-(rb[:, :, None] + b[:, None, :])))
+        return jnp.max(score, axis=2)
 
-    if n_blocks == 1:
-        best, p, q = block(0)
+    if rows >= n:
+        best_in_row = row_max(a, b, col)
     else:
-        bests, ps, qs = jax.lax.map(block, jnp.arange(n_blocks))
-        j = jnp.argmax(bests, axis=0)[None]
-        best = jnp.take_along_axis(bests, j, axis=0)[0]
-        p = jnp.take_along_axis(ps, j, axis=0)[0]
-        q = jnp.take_along_axis(qs, j, axis=0)[0]
+        n_blocks = math.ceil(n / rows)
+        pad = n_blocks * rows - n
+        a_r = jnp.pad(a, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+        b_r = jnp.pad(b, ((0, 0), (0, pad)))
+
+        def block(j):
+            start = j * rows
+            return row_max(jax.lax.dynamic_slice_in_dim(a_r, start, rows, axis=1),
+                           jax.lax.dynamic_slice_in_dim(b_r, start, rows, axis=1),
+                           start + jnp.arange(rows))
+
+        blocks = jax.lax.map(block, jnp.arange(n_blocks))  # [blocks, B, rows]
+        best_in_row = blocks.transpose(1, 0, 2).reshape(bsz, n_blocks * rows)[:, :n]
+    # Only one consumer of best_in_row: a second one (e.g. its max) lets XLA
+    # rewrite it as a reduction of the full N^2 scores, which then get stored.
+    p = jnp.argmax(best_in_row, axis=1)
+    a_p = jnp.take_along_axis(a, p[:, None], axis=1)
+    b_p = jnp.take_along_axis(b, p[:, None], axis=1)
+    row_p = jnp.where(col[None, :] == p[:, None], 0.0,
+                      jax.nn.relu(a_p + a) * jax.nn.relu(-(b_p + b)))
+    q = jnp.argmax(row_p, axis=1)
+    best = jnp.take_along_axis(row_p, q[:, None], axis=1)[:, 0]
     return best > 0, p, q
 
 
