@@ -201,8 +201,10 @@ def mim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
         early_stop: bool = False, batch_chunk: int | None = None) -> Array:
     r"""Momentum Iterative Method (Dong et al. 2018), paper Eqs. (6)-(7).
 
-    .. math:: g_t = \mu g_{t-1} + \frac{\nabla L(x^*_{t-1}, y)}{\|\nabla L(x^*_{t-1}, y)\|_1},
-              \quad x^*_t = \mathrm{clip}_{x,\epsilon}(x^*_{t-1} + \tfrac{\epsilon}{r}\mathrm{sign}(g_t))
+    .. math::
+        g_t = \mu g_{t-1} + \frac{\nabla L(x^*_{t-1}, y)}{\|\nabla L(x^*_{t-1}, y)\|_1},
+        \quad x^*_t = \mathrm{clip}_{x,\epsilon}(x^*_{t-1}
+                      + \tfrac{\epsilon}{r}\mathrm{sign}(g_t))
 
     The L1 norm is taken per example. Paper defaults: 40 steps, ``decay``
     (mu) 1.0, step ``eps / steps``, start at ``x``.

@@ -37,10 +37,12 @@ import jax
 import jax.numpy as jnp
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, check_inputs,
-                                     draw_targets, example_keys, finish,
+                                     draw_targets, finish,
                                      num_classes, run_chunked)
 
-# Elements of the pair-score matrix materialised at once (~128 MB of float32).
+# Pair scores per step of the chunked search (examples x rows x N). They are
+# normally fused into a reduction and never stored; the bound keeps memory
+# sane (~128 MB of float32) should a backend materialise them.
 PAIR_BUDGET = 1 << 25
 
 
