@@ -180,14 +180,28 @@ def write_outputs(out_dir: str, target: str, payload: dict, markdown: str) -> No
     print(markdown)
 
 
+def hardware_line() -> str:
+    import jax
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        return f"{jax.device_count()} x {dev.device_kind}"
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU only, {os.cpu_count()} cores ({cpu})"
+
+
 def header(target: str, args, extra: str = "") -> str:
     import jax
     from gce_jax.evaluation import git_info
     cmd = "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in args.argv)
     return (f"# {target}\n\nCommand: `{cmd}`  \nBudget: **{args.budget}**"
             f"{' (mock data: smoke run, numbers meaningless)' if args.mock_data else ''}; "
-            f"seeds {args.seeds}; hardware: {jax.devices()[0].device_kind} "
-            f"x{jax.device_count()} ({jax.devices()[0].platform}); git {git_info().get('commit', '?')[:10]}"
+            f"seeds {args.seeds}; hardware: {hardware_line()}; jax {jax.__version__}; "
+            f"git {git_info().get('commit', '?')[:10]}"
             f"; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n{extra}\n")
 
 
@@ -235,19 +249,31 @@ def _eval_argv_slow(args) -> list[str]:
             "--seed", str(args.eval_seed)]
 
 
-def _eval_all(name: str, ds: str, eps: Sequence[float], args, *, slow: bool, diag_eps: float,
-              reference: str | None = None) -> dict:
-    out_dir = os.path.join(args.out_dir, "evaluations")
-    reports = {"main": evaluate_run(name, args.runs_dir, out_dir, _eval_argv_main(ds, eps, args))}
+def _eps_tag(eps: Sequence[float]) -> str:
+    return "eps" + "-".join(f"{e:g}" for e in eps)
+
+
+def _eval_all(name: str, ds: str, args, *, slow: bool, reference: str | None = None) -> dict:
+    """Main table (all ``--n``), JSMA/C&W (``--n_slow``) and diagnostics (``--n_diag``).
+
+    Evaluations live in ``results/evaluations/`` keyed by their arguments, so
+    Tables 3 and 5 share the XE and GCE models' reports instead of recomputing.
+    """
+    root = args.eval_dir
+    eps = TABLE3_EPS[ds]
+    reports = {"main": evaluate_run(name, args.runs_dir, os.path.join(root, f"main-{_eps_tag(eps)}"),
+                                    _eval_argv_main(ds, eps, args))}
     if slow:
-        reports["slow"] = evaluate_run(name, args.runs_dir, os.path.join(out_dir, "slow"),
+        reports["slow"] = evaluate_run(name, args.runs_dir, os.path.join(root, "jsma-cw"),
                                        _eval_argv_slow(args))
+    diag_eps = TABLE5_EPS[ds]
     diag = ["--attacks", "fgsm,bim,pgd", "--eps", *[str(e) for e in eps], "--n", str(args.n_diag),
             "--diag_eps", str(diag_eps), "--seed", str(args.eval_seed),
             "--square_queries", str(args.square_queries), "--restarts", str(args.restarts)]
     if reference:
         diag += ["--reference_workdir", os.path.join(args.runs_dir, reference)]
-    reports["diagnostics"] = evaluate_run(name, args.runs_dir, os.path.join(out_dir, "diag"), diag)
+    reports["diagnostics"] = evaluate_run(name, args.runs_dir,
+                                          os.path.join(root, f"diag-{_eps_tag([diag_eps])}"), diag)
     return reports
 
 
@@ -306,12 +332,10 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
             name, config = make_run(ds, variant, seed=seed, alpha_label=None, budget=args.budget,
                                     data_root=args.data_root, mock=args.mock_data)
             train_run(name, config, args.runs_dir)
-            eps = TABLE3_EPS[ds] if target == "table3" else (TABLE5_EPS[ds],)
             xe_name = make_run(ds, "xe", seed=seed, alpha_label=None, budget=args.budget,
                                data_root=args.data_root, mock=args.mock_data)[0]
-            reports[variant] = _eval_all(
-                name, ds, eps, args, slow=not args.skip_slow, diag_eps=TABLE5_EPS.get(ds, eps[0]),
-                reference=xe_name if variant != "xe" else None)
+            reports[variant] = _eval_all(name, ds, args, slow=not args.skip_slow,
+                                         reference=xe_name if variant != "xe" else None)
         rows = _attack_rows(ds, table, reports, variants)
         diag_only = {v: r["diagnostics"] for v, r in reports.items()}
         sections += [f"## {ds}", ""] + _attack_table_md(rows, variants, {
@@ -327,7 +351,7 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
                 "C&W-L2 (targeted average case, its own margin loss) on a seeded subset of "
                 "`--n_slow`. ⚠masking marks a model whose diagnostics flag gradient masking: its "
                 "numbers are upper bounds, not robustness. Per-attack settings are in "
-                "`evaluations/*/robustness.json`.\n") + "\n".join(sections)
+                "`results/evaluations/*/<run>/robustness.json`.\n") + "\n".join(sections)
     write_outputs(args.out_dir, target, payload, md)
 
 
@@ -348,7 +372,7 @@ def table4(args) -> None:
                                     budget=args.budget, data_root=args.data_root,
                                     mock=args.mock_data)
             train_run(name, config, args.runs_dir)
-            cols[variant] = evaluate_run(name, args.runs_dir, os.path.join(args.out_dir, "evaluations"),
+            cols[variant] = evaluate_run(name, args.runs_dir, os.path.join(args.eval_dir, "table4"),
                                          ["--attacks", "pgd", "--eps", *map(str, TABLE3_EPS[ds]),
                                           "--n", str(args.n), "--seed", str(args.eval_seed),
                                           "--restarts", str(args.restarts),
@@ -376,7 +400,7 @@ def table6(args) -> None:
             train_run(name, config, args.runs_dir)
             eps = [e for (_, e) in P.TABLE6_ACC[ds]]
             cols[variant] = evaluate_run(
-                name, args.runs_dir, os.path.join(args.out_dir, "evaluations"),
+                name, args.runs_dir, os.path.join(args.eval_dir, "table6"),
                 ["--attacks", "fgsm,bim,pgd", "--eps", *map(str, eps), "--n", str(args.n),
                  "--diag_eps", str(eps[0]), "--seed", str(args.eval_seed),
                  "--restarts", str(args.restarts), "--square_queries", str(args.square_queries)])
@@ -501,12 +525,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --{flag} must be >= 1", file=sys.stderr)
             return 2
     args.data_root = args.data_root or None
-    args.out_dir = os.path.join(args.results_dir, args.target)
+    root = os.path.join(args.results_dir, "mock") if args.mock_data else args.results_dir
+    args.out_dir = os.path.join(root, args.target)
+    args.eval_dir = os.path.join(root, "evaluations")
     ctx = contextlib.nullcontext()
     if args.mock_data:
         import tensorflow_datasets as tfds
         ctx = tfds.testing.mock_data(num_examples=64)
-        args.out_dir = os.path.join(args.results_dir, "mock", args.target)
     with ctx:
         TARGETS[args.target](args)
     return 0
