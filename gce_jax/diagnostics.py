@@ -154,6 +154,15 @@ def saturate(logits_fn: LogitsFn, scale: float = 1e4) -> LogitsFn:
     return Partial(_scaled_logits, logits_fn, jnp.float32(scale))
 
 
+def _input_grad_is_zero(fn: Partial, x: Array, y: Array) -> Array:
+    g = jax.grad(lambda v: jnp.sum(cross_entropy(fn(v), y)))(x)
+    return jnp.all(g == 0, axis=tuple(range(1, x.ndim)))
+
+
+def _logits(fn: Partial, x: Array) -> Array:
+    return fn(x)
+
+
 def zero_gradient_mask(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
                        batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Per example: is the cross-entropy input gradient exactly zero in float32?
@@ -170,12 +179,9 @@ def zero_gradient_mask(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
       backend; an attack that only moves because of that residue is not one
       to trust, hence ``exact`` is what the check uses.
     """
-    def input_grad_zero(xb, yb):
-        g = jax.grad(lambda v: jnp.sum(cross_entropy(logits_fn(v), yb)))(xb)
-        return jnp.all(g == 0, axis=tuple(range(1, xb.ndim)))
-
-    compiled_fn = jax.jit(input_grad_zero)
-    logits_jit = jax.jit(logits_fn)
+    fn = logits_fn if isinstance(logits_fn, Partial) else Partial(logits_fn)
+    compiled_fn = jax.jit(_input_grad_is_zero)
+    logits_jit = jax.jit(_logits)
     # Deliberately not jitted: each primitive is evaluated on its own, so no
     # fusion changes the float32 rounding of softmax - onehot.
     logit_grad = jax.grad(lambda z, yb: jnp.sum(cross_entropy(z, yb)))
@@ -185,8 +191,8 @@ def zero_gradient_mask(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
     for s, e in _batches(len(x), bs):
         xb = _pad(np.asarray(x[s:e], np.float32), bs)
         yb = _pad(np.asarray(y[s:e], np.int32), bs)
-        c = np.asarray(compiled_fn(xb, yb))[: e - s]
-        gz = np.asarray(logit_grad(jnp.asarray(logits_jit(xb), jnp.float32), jnp.asarray(yb)))
+        c = np.asarray(compiled_fn(fn, xb, yb))[: e - s]
+        gz = np.asarray(logit_grad(jnp.asarray(logits_jit(fn, xb), jnp.float32), jnp.asarray(yb)))
         compiled[s:e] = c
         exact[s:e] = np.all(gz[: e - s] == 0, axis=-1) | c
     return exact, compiled
@@ -485,6 +491,9 @@ def run_diagnostics(ev: Evaluator, config: DiagnosticsConfig = DiagnosticsConfig
     grid = extend_eps_grid(config.eps_grid, config.curve_max_eps)
     user_grid = sorted({float(e) for e in config.eps_grid if e > 0})
     for e in grid:
+        # Past the user's grid, extend only while accuracy is above zero.
+        if e > max(user_grid, default=0.0) and float(curve_masks[-1].mean()) <= ZERO_ACC_MAX:
+            break
         r = attempt(paper_spec("pgd", e, loss="xe", steps=config.pgd_steps,
                                step_size=CURVE_STEP_FACTOR * e / config.pgd_steps,
                                label="pgd-xe (curve)"))
@@ -492,9 +501,6 @@ def run_diagnostics(ev: Evaluator, config: DiagnosticsConfig = DiagnosticsConfig
             break
         curve_eps.append(e)
         curve_masks.append(r.robust)
-        # Past the user's grid, stop once accuracy has reached zero.
-        if e > max(user_grid, default=0.0) and r.robust_accuracy <= ZERO_ACC_MAX:
-            break
     checks = (check_curve(curve_eps, curve_masks, config.curve_max_eps) if len(curve_eps) > 1
               else [Check("curve_monotone", SKIPPED, "PGD did not run"),
                     Check("curve_reaches_zero", SKIPPED, "PGD did not run")])

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
 Array = jax.Array
@@ -292,6 +293,10 @@ def to_float_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def _argmax_logits(fn: Partial, x: Array) -> Array:
+    return jnp.argmax(fn(x), axis=-1)
+
+
 class Evaluator:
     """Runs attack specs on a fixed evaluation set; caches results by spec.
 
@@ -324,7 +329,10 @@ class Evaluator:
             from gce_jax.attacks import ATTACKS as registry  # noqa: N811
         self.registry = registry
         self.progress = progress
-        self._predict = jax.jit(lambda xb: jnp.argmax(logits_fn(xb), axis=-1))
+        # The model goes in as a Partial argument, not a closure, so its weights
+        # are traced inputs rather than constants baked into the executable.
+        self._fn = logits_fn if isinstance(logits_fn, Partial) else Partial(logits_fn)
+        self._predict = jax.jit(_argmax_logits)
         self._cache: dict[str, AttackResult] = {}
         self.clean_correct = self.predict(x) == y
 
@@ -340,7 +348,7 @@ class Evaluator:
         """Argmax predictions of the model under test, in fixed-size batches."""
         out = np.empty(len(x), np.int32)
         for s, e in _batches(len(x), self.batch_size):
-            out[s:e] = np.asarray(self._predict(_pad(x[s:e], self.batch_size)))[: e - s]
+            out[s:e] = np.asarray(self._predict(self._fn, _pad(x[s:e], self.batch_size)))[: e - s]
         return out
 
     def spec_key(self, spec: AttackSpec) -> Array:
