@@ -10,7 +10,8 @@ For each attack the table shows images/s and the ratio
 measured in the same run on the same batch (random LeNet-5 weights; labels are
 the model's own predictions so every example starts "correct"). Compilation
 is excluded (one warm-up call), every call ends in ``block_until_ready``, and
-times are medians over ``--repeats``. Iterations are model evaluations:
+times are medians over ``--repeats`` rounds through all attacks; each attack
+call is paired with a fwd+bwd reference timed just before it. Iterations are model evaluations:
 gradient steps for the gradient attacks (APGD: steps + 1), forward passes for
 Square (its ratio is against fwd+bwd, so < 1 is expected), and the *maximum*
 iteration count for attacks that stop early (JSMA, C&W, Square; marked '*'):
@@ -39,14 +40,15 @@ from gce_jax.losses import cross_entropy  # noqa: E402
 from gce_jax.models import get_model  # noqa: E402
 
 
+def once(fn) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
 def timed(fn, repeats: int) -> float:
     jax.block_until_ready(fn())  # warm-up: compilation excluded
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(once(fn) for _ in range(repeats))
 
 
 def configs(quick: bool, eps: float):
@@ -108,7 +110,30 @@ def main(argv=None) -> None:
             return jnp.clip(xa + 1e-3 * jnp.sign(g), 0.0, 1.0)
         return jax.lax.fori_loop(0, 40, body, xb)
 
-    t_loop = timed(lambda: bare_loop(variables, x), repeats)
+    # Rows: (label, thunk, iterations, stops early).
+    rows = [("[fwd+bwd in fori_loop]", lambda: bare_loop(variables, x), 40, False)]
+    for label, name, kw, iters, early in configs(args.quick, args.eps):
+        if args.only and not any(o in label for o in args.only):
+            continue
+        attack = A.ATTACKS[name]
+        rows.append((label, lambda attack=attack, kw=kw: attack(fn, x, y, key=key, **kw),
+                     iters, early))
+    for _, thunk, _, _ in rows:
+        jax.block_until_ready(thunk())  # compile everything first
+
+    # Rounds over all rows, each attack timing paired with a fwd+bwd reference
+    # taken just before it: on a shared machine the load drifts over minutes,
+    # and pairing keeps the ratio honest where absolute times are not.
+    times = {label: [] for label, *_ in rows}
+    ratios = {label: [] for label, *_ in rows}
+    for r in range(repeats):
+        for label, thunk, iters, _ in rows:
+            if label.startswith("cw-l2") and not args.quick and r > 0:
+                continue  # minutes per call at the paper's settings: once is enough
+            ref = statistics.median(once(lambda: fwd_bwd(variables, x)) for _ in range(5))
+            t = once(thunk)
+            times[label].append(t)
+            ratios[label].append(t / (iters * ref))
 
     print(f"device: {jax.devices()[0].device_kind}  batch {batch}  eps {args.eps}  "
           f"repeats {repeats}{'  (quick)' if args.quick else ''}")
@@ -117,17 +142,13 @@ def main(argv=None) -> None:
     header = f"{'attack':<24}{'iters':>7}{'time (s)':>11}{'img/s':>11}{'ratio':>8}"
     print(header)
     print("-" * len(header))
-    print(f"{'[fwd+bwd in fori_loop]':<24}{40:>7}{t_loop:>11.3f}{batch / t_loop:>11,.0f}"
-          f"{t_loop / (40 * t_fb):>7.2f} ")
-    for label, name, kw, iters, early in configs(args.quick, args.eps):
-        if args.only and not any(o in label for o in args.only):
-            continue
-        attack = A.ATTACKS[name]
-        reps = 1 if name == "carlini_wagner_l2" and not args.quick else repeats
-        t = timed(lambda: attack(fn, x, y, key=key, **kw), reps)
-        ratio = t / (iters * t_fb)
+    for label, _, iters, early in rows:
+        t = statistics.median(times[label])
+        ratio = statistics.median(ratios[label])
         print(f"{label:<24}{iters:>7}{t:>11.3f}{batch / t:>11,.0f}"
               f"{ratio:>7.2f}{'*' if early else ' '}")
+    print("ratio = attack time / (iters x fwd+bwd time measured just before it), median "
+          "over rounds")
     print("* stops early per example: ratio against the maximum iteration count "
           "(Square: forward passes vs fwd+bwd)")
 
