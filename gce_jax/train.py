@@ -565,7 +565,8 @@ def _check_resume_compatible(config: ml_collections.ConfigDict, workdir: str) ->
     with open(path) as f:
         old = json.load(f)
     new = _config_to_dict(config)
-    keys = ("model", "dataset", "dtype")
+    # Resuming with another objective would silently mix two experiments.
+    keys = ("model", "dataset", "dtype", "loss", "alpha")
     diff = [k for k in keys if old.get(k) != new.get(k)]
     old_m = old.get("training", {}).get("method", "standard")
     if old_m != new.get("training", {}).get("method", "standard"):
