@@ -12,7 +12,8 @@ it as an ordinary (non-static) argument:
 * a plain callable ``f`` becomes ``Partial(f)``: the cache is keyed on ``f``
   itself, so calling an attack again with the *same* function object reuses the
   compiled code (a fresh ``lambda`` per call recompiles -- keep the closure);
-* :func:`inference_logits_fn` builds ``Partial(_InferenceApply(model), variables)``:
+* :func:`inference_logits_fn` (= ``gce_jax.models.logits_fn``) builds
+  ``Partial(_InferenceApply(model), variables)``:
   the function part compares equal for equal modules and the variables are
   traced leaves, so new weights (every step of adversarial training, or a new
   checkpoint) reuse the compiled attack, and the weights are not baked into the
@@ -39,43 +40,15 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
+from gce_jax.models import logits_fn as models_logits_fn
+
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
 
-class _InferenceApply:
-    """``(variables, x) -> model.apply(variables, x, train=False)``, hashable by model.
-
-    Flax modules are frozen dataclasses (equal config => equal and same hash),
-    but ``model.apply`` bound methods compare by identity; this wrapper makes
-    two equal models share one compiled attack.
-    """
-
-    def __init__(self, model: Any):
-        self.model = model
-
-    def __call__(self, variables: Any, x: Array) -> Array:
-        return self.model.apply(variables, x, train=False)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _InferenceApply) and self.model == other.model
-
-    def __hash__(self) -> int:
-        return hash((_InferenceApply, self.model))
-
-    def __repr__(self) -> str:
-        return f"_InferenceApply({type(self.model).__name__})"
-
-
-def inference_logits_fn(model: Any, variables: Any) -> Partial:
-    """Recommended ``logits_fn`` for a flax model: inference mode, weights traced.
-
-    Equivalent to ``gce_jax.models.logits_fn(model, variables)`` (BatchNorm uses
-    running statistics, nothing is mutated), but returns a
-    ``jax.tree_util.Partial`` so attacks compile once per model *configuration*
-    and shape, not once per set of weights.
-    """
-    return Partial(_InferenceApply(model), variables)
+# The model closure lives with the models; attacks re-export it under the name
+# their docs use.
+inference_logits_fn = models_logits_fn
 
 
 def as_partial(logits_fn: LogitsFn) -> Partial:

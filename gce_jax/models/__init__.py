@@ -7,11 +7,10 @@ penultimate activations.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from gce_jax.models.common import DATASET_STATS, Normalize, normalize_for
 from gce_jax.models.lenet import LeNet5
@@ -49,13 +48,40 @@ def get_model(name: str, *, num_classes: int, dataset: str | None = None,
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
 
 
-def logits_fn(model: nn.Module, variables) -> Callable[[jax.Array], jax.Array]:
-    """Inference-mode ``x -> logits`` closure (BatchNorm uses running averages).
+class _InferenceApply:
+    """``(variables, x) -> model.apply(variables, x, train=False)``, hashable by model.
+
+    Flax modules are frozen dataclasses (equal config => equal hash), but
+    ``model.apply`` bound methods compare by identity; this wrapper lets two
+    equal models share one compiled attack.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, variables, x: jax.Array) -> jax.Array:
+        return self.model.apply(variables, x, train=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _InferenceApply) and self.model == other.model
+
+    def __hash__(self) -> int:
+        return hash((_InferenceApply, self.model))
+
+    def __repr__(self) -> str:
+        return f"_InferenceApply({type(self.model).__name__})"
+
+
+def logits_fn(model: nn.Module, variables) -> Partial:
+    """Inference-mode ``x -> logits`` (BatchNorm uses running averages).
 
     This is what attacks and evaluation call: it can never update batch
-    statistics, and each example's logits are independent of its batch.
+    statistics, and each example's logits are independent of its batch. It is
+    a ``jax.tree_util.Partial`` whose variables are pytree leaves, so a jitted
+    attack taking it as an argument compiles once per model configuration and
+    shape, not once per set of weights.
     """
-    return lambda x: model.apply(variables, x, train=False)
+    return Partial(_InferenceApply(model), variables)
 
 
 def count_params(params) -> int:
