@@ -277,6 +277,20 @@ def _eval_all(name: str, ds: str, args, *, slow: bool, reference: str | None = N
     return reports
 
 
+def _eval_pgd_table(name: str, sub: str, eps: Sequence[float], args, attacks: str) -> dict:
+    """Main numbers on ``--n`` images plus diagnostics on ``--n_diag``, one report each."""
+    root = os.path.join(args.eval_dir, sub)
+    main = evaluate_run(name, args.runs_dir, os.path.join(root, f"main-{_eps_tag(eps)}"),
+                        ["--attacks", attacks, "--eps", *map(str, eps), "--n", str(args.n),
+                         "--no_diagnostics", "--seed", str(args.eval_seed)])
+    diag = evaluate_run(name, args.runs_dir, os.path.join(root, f"diag-{_eps_tag(eps[:1])}"),
+                        ["--attacks", "fgsm,bim,pgd", "--eps", *map(str, eps), "--n", str(args.n_diag),
+                         "--diag_eps", str(eps[0]), "--seed", str(args.eval_seed),
+                         "--restarts", str(args.restarts), "--square_queries", str(args.square_queries)])
+    main["verdict"] = diag.get("verdict")
+    return main
+
+
 def _attack_rows(ds: str, target_table: dict, reports: dict[str, dict], columns: Sequence[str]):
     """Rows (attack, param, {column: (ours, paper)}) for Tables 3 and 5."""
     rows = []
@@ -372,11 +386,7 @@ def table4(args) -> None:
                                     budget=args.budget, data_root=args.data_root,
                                     mock=args.mock_data)
             train_run(name, config, args.runs_dir)
-            cols[variant] = evaluate_run(name, args.runs_dir, os.path.join(args.eval_dir, "table4"),
-                                         ["--attacks", "pgd", "--eps", *map(str, TABLE3_EPS[ds]),
-                                          "--n", str(args.n), "--seed", str(args.eval_seed),
-                                          "--restarts", str(args.restarts),
-                                          "--square_queries", str(args.square_queries)])
+            cols[variant] = _eval_pgd_table(name, "table4", TABLE3_EPS[ds], args, "pgd")
         lines += [f"## {ds}", "", "| Attack | ε | XE ours | XE paper | GCE ours | GCE paper |",
                   "|---|---|---|---|---|---|"]
         for (attack, eps), (pxe, pgce) in P.TABLE4_ACC[ds].items():
@@ -399,11 +409,7 @@ def table6(args) -> None:
                                     mock=args.mock_data)
             train_run(name, config, args.runs_dir)
             eps = [e for (_, e) in P.TABLE6_ACC[ds]]
-            cols[variant] = evaluate_run(
-                name, args.runs_dir, os.path.join(args.eval_dir, "table6"),
-                ["--attacks", "fgsm,bim,pgd", "--eps", *map(str, eps), "--n", str(args.n),
-                 "--diag_eps", str(eps[0]), "--seed", str(args.eval_seed),
-                 "--restarts", str(args.restarts), "--square_queries", str(args.square_queries)])
+            cols[variant] = _eval_pgd_table(name, "table6", eps, args, "fgsm,bim,pgd")
         lines += [f"## {ds}", "", "| Attack | ε | XE ours | XE paper | GCE ours | GCE paper | PGD steps |",
                   "|---|---|---|---|---|---|---|"]
         for (attack, eps), (pxe, pgce) in P.TABLE6_ACC[ds].items():
