@@ -1,0 +1,1 @@
+"""Benchmarks for gce_jax (see benchmarks/README.md); run all: ``python -m benchmarks``."""

@@ -1,0 +1,90 @@
+"""PGD-40 throughput on LeNet-5 (MNIST shapes), the paper's robustness workload.
+
+    python -m benchmarks.pgd [--quick | --smoke] [--attack-table]
+
+``gce_jax.attacks.pgd`` (eps 0.3, 40 steps of 0.01, random start, XE) with
+random LeNet-5 weights, labels = the model's own predictions. Rows:
+
+* ``flax-conv`` (reference): LeNet-5 with ``conv_impl='xla'`` (nn.Conv/max_pool);
+* ``im2col``: the library's CPU formulation (default on CPU), same attack;
+* a larger batch (evaluation/attack batches are free to be larger than the
+  training batch; throughput per image is what matters);
+* ``PJRT_NPROC=1`` (single-threaded XLA) and the PyTorch reference
+  (``benchmarks.torch_ref.pgd_case``, if torch is installed), in workers.
+
+``--attack-table`` additionally runs ``benchmarks/attacks.py`` (every attack,
+ratio to iterations x fwd+bwd) on the default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks._harness import (FnCase, WorkerCase, hardware_line, measure, say, table,
+                                 torch_available)
+from gce_jax import attacks as A
+from gce_jax.models import get_model
+
+
+def pgd_case(name: str = "pgd", conv_impl: str = "auto", batch: int = 500, steps: int = 40,
+             eps: float = 0.3, step_size: float = 0.01) -> FnCase:
+    """One PGD attack on a batch (unit = one attack call on ``batch`` images)."""
+    model = get_model("lenet5", num_classes=10).clone(conv_impl=conv_impl)
+    x = jax.random.uniform(jax.random.key(0), (batch, 28, 28, 1))
+    variables = model.init(jax.random.key(1), x[:1])
+    fn = A.inference_logits_fn(model, variables)
+    y = jnp.argmax(fn(x), axis=-1)
+    key = jax.random.key(2)
+
+    def run(n: int) -> None:
+        out = None
+        for _ in range(n):
+            out = A.pgd(fn, x, y, key=key, eps=eps, steps=steps, step_size=step_size)
+        jax.block_until_ready(out)
+
+    return FnCase(name, run, items_per_unit=batch)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--attack-table", action="store_true",
+                   help="also run benchmarks/attacks.py (all attacks)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        batch, big, steps, rounds = 16, 32, 3, 2
+    elif args.quick:
+        batch, big, steps, rounds = 500, 2000, 40, 5
+    else:
+        batch, big, steps, rounds = 500, 2000, 40, 9
+
+    say(f"hardware: {hardware_line()}")
+    cases = [pgd_case(f"flax-conv B={batch}", "xla", batch, steps),
+             pgd_case(f"im2col B={batch}", "im2col", batch, steps),
+             pgd_case(f"im2col B={big}", "im2col", big, steps)]
+    if not args.smoke:
+        cases += [WorkerCase(f"{impl} B={batch} [PJRT_NPROC=1]", "benchmarks.pgd:pgd_case",
+                             dict(conv_impl=impl, batch=batch, steps=steps),
+                             env={"PJRT_NPROC": "1"})
+                  for impl in ("xla", "im2col")]
+    if torch_available() and not args.no_torch and not args.smoke:
+        cases.append(WorkerCase(f"pytorch B={batch} (2 threads)",
+                                "benchmarks.torch_ref:pgd_case",
+                                dict(batch=batch, steps=steps)))
+    res = measure(cases, rounds=rounds, units=1)
+    say(table(res.values(), cases[0].name, unit="attack",
+              title=f"PGD-{steps} (eps 0.3, step 0.01, random start), LeNet-5, MNIST shapes"))
+    if args.attack_table:
+        from benchmarks import attacks as attack_bench
+
+        say("\n`benchmarks/attacks.py` (all attacks, default LeNet-5 formulation):\n")
+        attack_bench.main(["--quick"] if (args.quick or args.smoke) else [])
+
+
+if __name__ == "__main__":
+    main()

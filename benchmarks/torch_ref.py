@@ -1,0 +1,85 @@
+"""Optional PyTorch reference: LeNet-5 training step and PGD-40, same settings.
+
+Only imported when ``torch`` is installed (it is not a dependency of the
+project: ``pip install torch`` into your own environment to enable it). The
+cases run in a worker process (``benchmarks._harness.WorkerCase``), so that
+torch's thread pool and XLA's never share a process, and are interleaved
+with the JAX cases, which makes "JAX vs PyTorch" a same-run ratio.
+
+The network mirrors ``gce_jax.models.LeNet5`` (conv6@5x5 pad 2, pool,
+conv16@5x5, pool, 120, 84, K; ReLU) in PyTorch's NCHW layout; the optimiser is
+the authors' Adam(1e-3, betas (0.9, 0.99)); inputs are synthetic.
+"""
+
+from __future__ import annotations
+
+from benchmarks._harness import FnCase
+
+
+def _lenet(num_classes: int = 10):
+    import torch.nn as tnn
+
+    return tnn.Sequential(
+        tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
+        tnn.Conv2d(6, 16, 5), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
+        tnn.Linear(400, 120), tnn.ReLU(), tnn.Linear(120, 84), tnn.ReLU(),
+        tnn.Linear(84, num_classes))
+
+
+def train_case(name: str = "pytorch", batch: int = 64, threads: int | None = None) -> FnCase:
+    """One Adam step on a fixed synthetic batch (one unit = one step)."""
+    import torch
+    import torch.nn.functional as F
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = _lenet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    x = torch.rand(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    case = FnCase(name, run, items_per_unit=batch)
+    case.info = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    return case
+
+
+def pgd_case(name: str = "pytorch pgd", batch: int = 500, steps: int = 40, eps: float = 0.3,
+             step_size: float = 0.01, threads: int | None = None) -> FnCase:
+    """One L-inf PGD attack (random start, cross-entropy) on a batch (unit = attack)."""
+    import torch
+    import torch.nn.functional as F
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = _lenet().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(batch, 1, 28, 28)
+    y = model(x).argmax(1)
+
+    def attack() -> torch.Tensor:
+        xa = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        for _ in range(steps):
+            xa.requires_grad_(True)
+            loss = F.cross_entropy(model(xa), y, reduction="sum")
+            (g,) = torch.autograd.grad(loss, xa)
+            with torch.no_grad():
+                xa = torch.min(torch.max(xa + step_size * g.sign(), x - eps), x + eps)
+                xa = xa.clamp(0, 1)
+        return xa
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            attack()
+
+    case = FnCase(name, run, items_per_unit=batch)
+    case.info = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    return case
