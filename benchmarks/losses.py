@@ -91,7 +91,7 @@ def step_tables(args) -> str:
     for model, b, opt, units in specs:
         cases = [step_case(f"{model} {loss.upper()}", model=model, loss=loss, batch=b,
                            optimizer=opt, formulation="jit+donate") for loss in ("xe", "gce")]
-        rounds = args.rounds if model == "lenet5" else max(3, args.rounds // 2)
+        rounds = args.rounds if model == "lenet5" else max(4, args.rounds // 2)
         res = measure(cases, rounds=rounds, units=units)
         out.append(table(res.values(), cases[0].name, unit="step",
                          title=f"Whole training step, {model} batch {b} ({opt}): GCE vs XE"))

@@ -73,9 +73,11 @@ def main(argv=None) -> None:
                              env={"PJRT_NPROC": "1"})
                   for impl in ("xla", "im2col")]
     if torch_available() and not args.no_torch and not args.smoke:
-        cases.append(WorkerCase(f"pytorch B={batch} (2 threads)",
-                                "benchmarks.torch_ref:pgd_case",
-                                dict(batch=batch, steps=steps)))
+        from benchmarks.training import torch_cases
+
+        for c in torch_cases("benchmarks.torch_ref:pgd_case", dict(batch=batch, steps=steps)):
+            c.name = c.name.replace("pytorch", f"pytorch B={batch}")
+            cases.append(c)
     res = measure(cases, rounds=rounds, units=1)
     say(table(res.values(), cases[0].name, unit="attack",
               title=f"PGD-{steps} (eps 0.3, step 0.01, random start), LeNet-5, MNIST shapes"))

@@ -262,6 +262,18 @@ def load_mnist_or_synthetic(data_dir: str | None, n_synthetic: int = 6400):
 # Tables
 # --------------------------------------------------------------------------
 
+def torch_cases(factory: str, kwargs: dict) -> list[WorkerCase]:
+    """PyTorch rows: 2 threads with passive OpenMP waiting, and 1 thread.
+
+    PyTorch's default (active, spinning) OpenMP barriers collapse on a
+    shared machine: with other processes busy, a step took 30x longer (see
+    benchmarks/RESULTS.md), which would make any ratio against it meaningless.
+    """
+    return [WorkerCase("pytorch (2 threads, OMP_WAIT_POLICY=PASSIVE)", factory, dict(kwargs),
+                       env={"OMP_WAIT_POLICY": "PASSIVE"}),
+            WorkerCase("pytorch (1 thread)", factory, dict(kwargs, threads=1))]
+
+
 def _epoch_col(n_train: int):
     def extra(r):
         steps = math.ceil(n_train / r.items_per_unit) if r.items_per_unit else 0
@@ -285,8 +297,7 @@ def lenet_table(args) -> str:
                 f"{label} [PJRT_NPROC=1]", "benchmarks.training:step_case",
                 dict(name=label, conv_impl=impl, batch=b), env={"PJRT_NPROC": "1"}))
     if torch_available() and not args.no_torch:
-        cases.append(WorkerCase("pytorch (2 threads)", "benchmarks.torch_ref:train_case",
-                                dict(batch=b)))
+        cases += torch_cases("benchmarks.torch_ref:train_case", dict(batch=b))
     units = {c.name: args.units for c in cases}
     units["im2col/scan"] = max(1, args.units // args.scan_length) * args.scan_length
     res = measure(cases, rounds=args.rounds, units=units, log=say if args.verbose else None)
@@ -310,7 +321,7 @@ def resnet_table(args) -> str:
                              dict(name=f"resnet{d}", model=f"resnet{d}", batch=b,
                                   optimizer="sgd", formulation="jit+donate"),
                              env={"PJRT_NPROC": "1"}) for d in depths[:1]]
-    res = measure(cases, rounds=max(3, args.rounds // 3), units=args.resnet_units,
+    res = measure(cases, rounds=max(4, args.rounds // 3), units=args.resnet_units,
                   log=say if args.verbose else None)
     return table(res.values(), cases[0].name, unit="step", extra=_epoch_col(CIFAR_TRAIN),
                  title=f"CIFAR ResNets, CIFAR-10 shapes, batch {b}, SGD momentum 0.9, "
