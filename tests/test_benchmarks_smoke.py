@@ -51,6 +51,13 @@ def test_benchmark_smoke(name):
 
 
 @pytest.mark.slow
+def test_profile_smoke():
+    out = _run(["benchmarks.profile", "--smoke"])
+    assert "ms of op time per step" in out
+    assert sum(l.startswith("| ") and "%" in l for l in out.splitlines()) >= 4
+
+
+@pytest.mark.slow
 def test_run_all_smoke_one_section():
     out = _run(["benchmarks.run_all", "--smoke", "--only", "losses"])
     assert out.startswith("# gce_jax benchmark results")
