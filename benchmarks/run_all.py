@@ -1,7 +1,7 @@
 """Runs the whole benchmark suite; prints markdown for benchmarks/RESULTS.md.
 
     python -m benchmarks.run_all            # full (tens of minutes on 2 CPU cores)
-    python -m benchmarks.run_all --quick    # a few minutes
+    python -m benchmarks.run_all --quick    # ~10 minutes
     python -m benchmarks.run_all --smoke    # checks that everything runs
     python -m benchmarks                    # same as run_all
 
