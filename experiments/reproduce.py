@@ -47,8 +47,11 @@ TARGET_DATASETS = {"table2": ("mnist", "cifar10", "cifar100", "tiny_imagenet"),
 # CPU budgets (2 cores). Every number produced under one is labelled reduced.
 REDUCED: dict[tuple[str, str], dict[str, Any]] = {
     # MNIST natural training fits at the paper's budget (20 epochs).
+    # LeNet-5 at eps 0.3 from scratch stayed at chance for 2 epochs without
+    # the eps ramp (measured), so the reduced run warms the radius up.
     ("mnist", "adv"): {"epochs": 3, "training.adversarial.steps": 10,
-                       "training.adversarial.step_size": 0.03},
+                       "training.adversarial.step_size": 0.03,
+                       "training.adversarial.eps_warmup_epochs": 1.0},
     ("cifar10", "natural"): {"model": "resnet20", "epochs": 4,
                              "lr_schedule.boundaries_epochs": (2, 3)},
     ("cifar10", "adv"): {"model": "resnet20", "epochs": 2, "lr_schedule.boundaries_epochs": (1,),

@@ -33,6 +33,8 @@ import numpy as np
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
+from gce_jax import attacks as _attacks
+
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 AttackFn = Callable[..., Array]
@@ -53,24 +55,17 @@ RECORD_KEYS = (
     "num_robust", "max_linf", "mean_l2", "wall_time_s",
 )
 
-# Threat model of each registry attack. Bounded attacks are checked against
-# their ball after every batch: an attack that leaves it reports an accuracy
-# that is too low, which is as wrong as one that is too high.
-ATTACK_NORMS: dict[str, str] = {
-    "fgsm": "linf", "bim": "linf", "pgd": "linf", "mim": "linf", "apgd": "linf",
-    "square": "linf", "pgd_l2": "l2",
-    # Minimum-norm / sparse attacks: no eps, success is not norm-bounded.
-    "jsma": "l0", "carlini_wagner_l2": "l2",
-}
+# Threat model of each registry attack (one table, in gce_jax.attacks). Bounded
+# attacks are checked against their ball after every batch: an attack that
+# leaves it reports an accuracy that is too low, which is as wrong as one that
+# is too high.
+ATTACK_NORMS: dict[str, str] = _attacks.ATTACK_NORMS
 BOUNDED_NORMS = ("linf", "l2")
 # Attacks that never see a gradient of the attacked model.
 BLACK_BOX_ATTACKS = frozenset({"square"})
 # Attacks with their own fixed objective (and no eps): no ``loss=``/``eps=`` is
 # passed and the record names the objective they use.
-FIXED_OBJECTIVE: dict[str, str] = {
-    "jsma": "logit_jacobian_saliency",
-    "carlini_wagner_l2": "cw_margin",
-}
+FIXED_OBJECTIVE: dict[str, str] = _attacks.FIXED_OBJECTIVES
 
 # Slack for float32 round-off when checking an attack stays in its ball.
 _BOUND_TOL = 1e-5
@@ -224,14 +219,10 @@ def resolved_settings(spec: AttackSpec, attack_fn: AttackFn) -> dict[str, Any]:
     rejects misspelt keywords before any compute); other attacks (test
     doubles) record what was passed.
     """
-    try:
-        from gce_jax import attacks
-    except ImportError:  # pragma: no cover - the package ships with gce_jax
-        attacks = None
-    if attacks is None or attacks.ATTACKS.get(spec.attack) is not attack_fn:
+    if _attacks.ATTACKS.get(spec.attack) is not attack_fn:
         return spec.settings()
     try:
-        full = attacks.attack_spec(spec.attack, **spec.call_kwargs())
+        full = _attacks.attack_spec(spec.attack, **spec.call_kwargs())
     except TypeError as e:
         raise EvaluationError(f"{spec.label}: {e}") from None
     out = {k: _jsonable(v) for k, v in sorted(full.items())
@@ -325,9 +316,7 @@ class Evaluator:
         self.x, self.y = x, y
         self.seed = int(seed)
         self.batch_size = int(min(batch_size, len(x)))
-        if registry is None:
-            from gce_jax.attacks import ATTACKS as registry  # noqa: N811
-        self.registry = registry
+        self.registry = _attacks.ATTACKS if registry is None else registry
         self.progress = progress
         # The model goes in as a Partial argument, not a closure, so its weights
         # are traced inputs rather than constants baked into the executable.

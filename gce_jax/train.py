@@ -127,6 +127,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     if get("selection") == "best_val":
         check(isinstance(val_size, int) and val_size > 0,
               "selection='best_val' needs a validation split: set data.val_size > 0")
+    depth = get("data.prefetch", "auto")
+    check(depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool)
+                              and depth >= 0),
+          f"data.prefetch={depth!r}: must be 'auto' or an int >= 0 (0 = no background thread)")
     check(get("dtype") in DTYPES, f"dtype={get('dtype')!r}: expected one of {tuple(DTYPES)}")
     keep = get("checkpoint.keep", 1)
     check(isinstance(keep, int) and keep >= 1, f"checkpoint.keep={keep!r}: must be an int >= 1")
@@ -161,6 +165,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
               f"training.adversarial.step_size={step_size!r}: must be > 0")
         check(isinstance(mix, (int, float)) and 0 <= mix < 1,
               f"training.adversarial.mix={mix!r}: must be in [0, 1)")
+        warm = adv.get("eps_warmup_epochs", 0)
+        check(isinstance(warm, (int, float)) and warm >= 0,
+              f"training.adversarial.eps_warmup_epochs={warm!r}: must be >= 0")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -200,6 +207,19 @@ def train_batches(ds, config: ml_collections.ConfigDict, epoch: int) -> Iterator
     return data_lib.batches(ds, config.batch_size, shuffle=True, seed=config.seed,
                             epoch=epoch, augment=config.data.get("augment", False),
                             drop_remainder=True)
+
+
+def prefetch_depth(config: ml_collections.ConfigDict) -> int:
+    """Batches prepared ahead in a background thread (``config.data.prefetch``).
+
+    ``'auto'``: 2 on accelerators or hosts with more than 4 cores; 0 on small
+    CPU-only hosts, where the producer thread takes cycles from XLA's compute
+    threads and the step measured slower with it (benchmarks/RESULTS.md).
+    """
+    depth = config.data.get("prefetch", "auto")
+    if depth == "auto":
+        return 2 if jax.default_backend() != "cpu" or (os.cpu_count() or 1) > 4 else 0
+    return int(depth)
 
 
 def eval_batches(ds, batch_size: int) -> Iterator[dict]:
@@ -369,14 +389,27 @@ def _apply_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, 
     return optax.apply_updates(params, updates), opt_state
 
 
+def adversarial_eps_scale(step: jax.Array, warmup_steps: int) -> jax.Array:
+    """Fraction of the final eps used at ``step``: a linear ramp over ``warmup_steps``.
+
+    Small networks trained at the full radius from scratch can stay at chance
+    (LeNet-5 at MNIST eps 0.3 did, for two epochs); ramping the radius up is
+    the usual remedy. ``warmup_steps=0`` is Madry et al.'s constant radius.
+    """
+    if warmup_steps <= 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.minimum(1.0, (step.astype(jnp.float32) + 1.0) / warmup_steps)
+
+
 def adversarial_inputs(model: nn.Module, variables: dict, x: jax.Array, y: jax.Array, *,
-                       key: jax.Array, adv: Any) -> jax.Array:
+                       key: jax.Array, adv: Any, eps_scale: Any = 1.0) -> jax.Array:
     """Madry et al.'s inner maximisation: PGD on cross-entropy, BatchNorm in inference.
 
     The first ``round(mix * B)`` rows stay natural (the batch is shuffled, so
     they are a random subset). The attack sees the model with ``train=False``,
     so running statistics cannot change during it, and its output is a
-    constant for the outer gradient (Danskin).
+    constant for the outer gradient (Danskin). ``eps_scale`` shrinks the
+    radius and the step together (eps warm-up).
     """
     from gce_jax.attacks import inference_logits_fn, pgd
 
@@ -384,7 +417,7 @@ def adversarial_inputs(model: nn.Module, variables: dict, x: jax.Array, y: jax.A
     if n_nat == x.shape[0]:
         return x
     x_adv = pgd(inference_logits_fn(model, variables), x[n_nat:], y[n_nat:], key=key,
-                eps=adv.eps, steps=adv.steps, step_size=adv.step_size,
+                eps=adv.eps * eps_scale, steps=adv.steps, step_size=adv.step_size * eps_scale,
                 random_start=adv.get("random_start", True), loss="xe")
     x_adv = jax.lax.stop_gradient(x_adv).astype(x.dtype)
     return jnp.concatenate([x[:n_nat], x_adv]) if n_nat else x_adv
@@ -403,8 +436,8 @@ def init_train_metrics() -> dict:
 def train_step(state: TrainState, metrics: dict, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation, loss_fn: Callable,
                tx_comp: optax.GradientTransformation | None = None,
-               comp_loss_fn: Callable | None = None, adversarial: Any = None
-               ) -> tuple[TrainState, dict]:
+               comp_loss_fn: Callable | None = None, adversarial: Any = None,
+               adv_warmup_steps: int = 0) -> tuple[TrainState, dict]:
     """One optimisation step on this device's shard (call under shard_map).
 
     Standard: one update on ``loss_fn`` (on PGD examples if ``adversarial``).
@@ -418,7 +451,8 @@ def train_step(state: TrainState, metrics: dict, batch: dict, *, model: nn.Modul
     if adversarial is not None:
         # Distinct random starts per device.
         key = jax.random.fold_in(step_key, jax.lax.axis_index(AXIS))
-        x = adversarial_inputs(model, state.variables, x, y, key=key, adv=adversarial)
+        x = adversarial_inputs(model, state.variables, x, y, key=key, adv=adversarial,
+                               eps_scale=adversarial_eps_scale(state.step, adv_warmup_steps))
 
     loss, grads, logits, stats = _loss_and_grads(model, loss_fn, state.params,
                                                  state.batch_stats, x, y)
@@ -452,20 +486,27 @@ def train_step(state: TrainState, metrics: dict, batch: dict, *, model: nn.Modul
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     tx: optax.GradientTransformation, mesh: Mesh, num_classes: int, *,
-                    tx_comp: optax.GradientTransformation | None = None
+                    tx_comp: optax.GradientTransformation | None = None,
+                    steps_per_epoch: int | None = None
                     ) -> Callable[[TrainState, dict, dict], tuple[TrainState, dict]]:
     """Jitted data-parallel ``(state, metrics, batch) -> (state, metrics)``.
 
     State and metrics are donated (updated in place); the batch must be
-    sharded over ``'batch'`` (``parallel.shard_batch``).
+    sharded over ``'batch'`` (``parallel.shard_batch``). ``steps_per_epoch``
+    converts ``training.adversarial.eps_warmup_epochs`` into steps.
     """
     if (config.training.get("method", "standard") == "cot") != (tx_comp is not None):
         raise ConfigError("training.method='cot' needs tx_comp (and only COT takes it)")
+    adv = _adversarial_cfg(config)
+    warmup_epochs = adv.get("eps_warmup_epochs", 0) if adv is not None else 0
+    if warmup_epochs and not steps_per_epoch:
+        raise ConfigError("training.adversarial.eps_warmup_epochs needs steps_per_epoch")
+    warmup_steps = int(round(warmup_epochs * (steps_per_epoch or 0)))
     step = functools.partial(
         train_step, model=model, tx=tx, loss_fn=create_objective(config), tx_comp=tx_comp,
         comp_loss_fn=(create_complement_objective(config, num_classes)
                       if tx_comp is not None else None),
-        adversarial=_adversarial_cfg(config))
+        adversarial=adv, adv_warmup_steps=warmup_steps)
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(AXIS)),
                             out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=(0, 1))
@@ -618,7 +659,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = create_train_state(config, model, tx, datasets.train.images.shape[1:], mesh,
                                tx_comp=tx_comp)
     lr_fn = create_learning_rate_fn(config, steps_per_epoch)
-    train_step_fn = make_train_step(config, model, tx, mesh, num_classes, tx_comp=tx_comp)
+    train_step_fn = make_train_step(config, model, tx, mesh, num_classes, tx_comp=tx_comp,
+                                    steps_per_epoch=steps_per_epoch)
 
     # ---- from here on the workdir is written ----
     os.makedirs(workdir, exist_ok=True)
@@ -682,14 +724,25 @@ def _train_one_epoch(config: ml_collections.ConfigDict, state: TrainState, step_
 
     metrics = parallel.replicate(init_train_metrics(), mesh)
     log_every = max(1, int(config.get("log_every_steps", 100)))
-    batches = parallel.prefetch(
-        (parallel.shard_batch(b, mesh) for b in train_batches(train_ds, config, epoch)),
-        size=2)
+    batches = (parallel.shard_batch(b, mesh) for b in train_batches(train_ds, config, epoch))
+    depth = prefetch_depth(config)
+    if depth > 0:
+        batches = parallel.prefetch(batches, size=depth)
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}",
                disable=not show, leave=False, dynamic_ncols=True)
     t0 = time.time()
+    # Host time blocked on the input pipeline. Steps are dispatched
+    # asynchronously, so this bounds how long the device could have starved.
+    data_wait = 0.0
     try:
-        for i, batch in enumerate(batches, start=1):
+        i = 0
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)
+            data_wait += time.perf_counter() - t_wait
+            if batch is None:
+                break
+            i += 1
             state, metrics = step_fn(state, metrics, batch)
             bar.update(1)
             # Fetching is a host-device sync: only every log_every steps.
@@ -705,7 +758,8 @@ def _train_one_epoch(config: ml_collections.ConfigDict, state: TrainState, step_
     elapsed = time.time() - t0
     _check_finite(m, epoch)
     record = {"epoch": epoch, **_summarise(m), "lr": lr, "epoch_time_s": elapsed,
-              "images_per_s": int(m["count"]) / max(elapsed, 1e-9)}
+              "images_per_s": int(m["count"]) / max(elapsed, 1e-9),
+              "data_wait_s": data_wait, "prefetch": depth}
     if state.comp_opt_state is None:
         record.pop("train_complement_loss")
     return state, record

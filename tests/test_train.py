@@ -78,7 +78,10 @@ def runs(tmp_path_factory):
     train.train_and_evaluate(tiny_config(epochs=1), part, datasets=DATA, mesh=one_device())
     stopped = str(base / "stopped_after_1")
     shutil.copytree(part, stopped)
-    resumed = train.train_and_evaluate(tiny_config(), part, datasets=DATA, mesh=one_device())
+    # The resumed half prefetches in a thread (the others run synchronously on
+    # this small CPU host), so bit-identity below also covers prefetching.
+    resumed = train.train_and_evaluate(tiny_config(**{"data.prefetch": 2}), part, datasets=DATA,
+                                       mesh=one_device())
     return {"full": full, "resumed": part, "stopped": stopped,
             "result": result, "resumed_result": resumed}
 
@@ -94,8 +97,9 @@ def test_outputs_metrics_and_selection(runs):
     assert [r["epoch"] for r in lines] == [1, 2]
     for r in lines:
         for key in ("train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_time_s",
-                    "wall_time_s", "images_per_s"):
+                    "wall_time_s", "images_per_s", "data_wait_s"):
             assert key in r and r[key] is not None and np.isfinite(r[key]), key
+        assert 0 <= r["data_wait_s"] <= r["epoch_time_s"]
         assert r["lr"] == pytest.approx(3e-3)
     assert lines[1]["train_loss"] < lines[0]["train_loss"]  # it learns
     assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tb")))
@@ -119,6 +123,14 @@ def test_outputs_metrics_and_selection(runs):
     model, variables, _ = train.load_for_eval(wd, "last")
     acc_last = train.evaluate_accuracy(model, variables, DATA.test, 8)  # all 4 devices
     assert acc_last == pytest.approx(lines[1]["test_acc"])
+
+
+def test_prefetch_depth_auto_and_explicit(monkeypatch):
+    assert train.prefetch_depth(tiny_config(**{"data.prefetch": 3})) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert train.prefetch_depth(tiny_config()) == 0  # 2-core CPU host: no thread
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert train.prefetch_depth(tiny_config()) == 2
 
 
 def test_resume_is_bit_identical(runs):
@@ -177,6 +189,7 @@ def test_nan_loss_stops_with_step_and_epoch_and_keeps_last_good_checkpoint(
     ("optimizer.name", "rmsprop", "optimizer.name"),
     ("selection", "best_test", "never test"),
     ("training.method", "mixup", "training.method"),
+    ("data.prefetch", -1, "data.prefetch"),
 ])
 def test_bad_config_raises_before_writing(runs, tmp_path, field, value, match):
     wd = str(tmp_path / "existing")

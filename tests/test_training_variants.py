@@ -139,6 +139,34 @@ def test_adversarial_mix_keeps_leading_natural_rows():
     assert np.all(d[:4] == 0) and np.all(d[4:] > 0.05)
 
 
+def test_adversarial_eps_warmup_ramps_radius_and_step_together():
+    scale = [float(train.adversarial_eps_scale(jnp.asarray(s), 4)) for s in (0, 1, 3, 9)]
+    assert scale == [0.25, 0.5, 1.0, 1.0]
+    assert float(train.adversarial_eps_scale(jnp.asarray(0), 0)) == 1.0
+
+    model, _ = make_models("lenet5")
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    warm = _adv_config(eps_warmup_epochs=1.0)  # 4 steps/epoch: step 0 uses 1/4
+    small = _adv_config(eps=0.1 / 4, step_size=0.05 / 4)
+    tx = train.create_optimizer(warm, 4)
+    s0 = jax.device_get(train.create_train_state(warm, model, tx, (28, 28, 1), mesh))
+    batch = random_batch((28, 28, 1), seed=5)
+
+    def step(config):
+        fn = train.make_train_step(config, model, tx, mesh, 10, steps_per_epoch=4)
+        out, _ = fn(parallel.replicate(s0, mesh),
+                    parallel.replicate(train.init_train_metrics(), mesh),
+                    parallel.shard_batch(batch, mesh))
+        return jax.device_get(out)
+
+    assert_trees_close(step(warm).params, step(small).params)
+    assert max_abs_diff(step(warm).params, step(_adv_config()).params) > 1e-6
+    with pytest.raises(train.ConfigError, match="steps_per_epoch"):
+        train.make_train_step(warm, model, tx, mesh, 10)
+    with pytest.raises(train.ConfigError, match="eps_warmup_epochs"):
+        train.validate_config(_adv_config(eps_warmup_epochs=-1))
+
+
 def test_adversarial_training_raises_pgd_accuracy(tmp_path):
     tr = data.resize_dataset(data.load_split("digits", "train"), (28, 28))
     te = data.resize_dataset(data.load_split("digits", "test"), (28, 28))

@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.val_size = 5000  # held out of train for selection; 0 = no val split
     c.data.test_split = "test"
     c.data.augment = False  # random crop (pad 4) + horizontal flip
+    # Batches prepared ahead in a thread: 'auto' (2 on GPU/TPU or > 4 cores,
+    # else 0: on 2 CPU cores the thread slowed the step) or an int >= 0.
+    c.data.prefetch = ml_collections.FieldReference("auto", field_type=object)
     c.data.resize = ml_collections.FieldReference(None, field_type=tuple)  # (h, w)
 
     c.optimizer = ml_collections.ConfigDict()
@@ -72,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.training.adversarial.step_size = 0.01
     c.training.adversarial.random_start = True
     c.training.adversarial.mix = 0.0  # fraction of natural examples per batch
+    # Linear eps (and step) ramp from 0 over this many epochs; 0 = constant radius.
+    c.training.adversarial.eps_warmup_epochs = 0.0
 
     # Read by experiments/evaluate.py, not by training.
     c.eval = ml_collections.ConfigDict()

@@ -44,10 +44,14 @@ ATTACKS: dict[str, Callable[..., Any]] = {
     "square": square,
 }
 
-# Threat model and, for attacks without a ``loss`` argument, the fixed objective.
-_NORM = {"fgsm": "linf", "bim": "linf", "pgd": "linf", "mim": "linf", "apgd": "linf",
-         "square": "linf", "pgd_l2": "l2", "carlini_wagner_l2": "l2", "jsma": "l0"}
-_FIXED_LOSS = {"jsma": "logit_jacobian_saliency", "carlini_wagner_l2": "cw_margin"}
+# Threat model of each attack (JSMA and C&W are minimum-norm attacks: their
+# success is not bounded by an eps) and, for attacks without a ``loss``
+# argument, the fixed objective they use. The evaluator records both.
+ATTACK_NORMS: dict[str, str] = {
+    "fgsm": "linf", "bim": "linf", "pgd": "linf", "mim": "linf", "apgd": "linf",
+    "square": "linf", "pgd_l2": "l2", "carlini_wagner_l2": "l2", "jsma": "l0"}
+FIXED_OBJECTIVES: dict[str, str] = {
+    "jsma": "logit_jacobian_saliency", "carlini_wagner_l2": "cw_margin"}
 # Defaults computed from other arguments (documented in each attack).
 _DERIVED_STEP = {"bim": 1.0, "mim": 1.0, "pgd_l2": 2.5}
 _NOT_RECORDED = ("logits_fn", "x", "y", "key", "targets", "batch_chunk")
@@ -74,14 +78,14 @@ def attack_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     params.update({k: v for k, v in kwargs.items() if k in params})
     if name in _DERIVED_STEP and params.get("step_size") is None and params.get("eps") is not None:
         params["step_size"] = _DERIVED_STEP[name] * float(params["eps"]) / params["steps"]
-    spec = {"attack": name, "norm": _NORM[name]}
-    spec["loss"] = params.pop("loss", _FIXED_LOSS.get(name))
+    spec = {"attack": name, "norm": ATTACK_NORMS[name]}
+    spec["loss"] = params.pop("loss", FIXED_OBJECTIVES.get(name))
     spec.update(params)
     if "targets" in kwargs and kwargs["targets"] is not None:
         spec["targets"] = "given"
     return spec
 
 
-__all__ = ["ATTACKS", "OBJECTIVES", "attack_spec", "apgd", "apgd_checkpoints", "bim",
+__all__ = ["ATTACKS", "ATTACK_NORMS", "FIXED_OBJECTIVES", "OBJECTIVES", "attack_spec", "apgd", "apgd_checkpoints", "bim",
            "carlini_wagner_l2", "draw_targets", "fgsm", "get_objective",
            "inference_logits_fn", "jsma", "mim", "pgd", "pgd_l2", "square"]
