@@ -20,6 +20,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from gce_jax import data
+from gce_jax.testing import FAKE_WNIDS, write_fake_tiny_imagenet
 from gce_jax.data import ArrayDataset, DataError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -142,30 +143,11 @@ def write_image_folder(root: Path, split: str, classes, per_class: int, shape, s
     return out
 
 
-WNIDS = [f"n{1440764 + 37 * i:08d}" for i in range(200)]
+WNIDS = list(FAKE_WNIDS)
 
 
 def write_tiny_imagenet(root: Path, *, wnids=WNIDS, n_val=6) -> Path:
-    rng = np.random.default_rng(5)
-    root.mkdir(parents=True)
-    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    for i, w in enumerate(wnids):
-        d = root / "train" / w / "images"
-        d.mkdir(parents=True)
-        x = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        # A few official training images are grayscale JPEGs: they must come back RGB.
-        img = Image.fromarray(x[..., 0]) if i % 50 == 0 else Image.fromarray(x)
-        img.save(d / f"{w}_0.JPEG", format="JPEG")
-        (root / "train" / w / f"{w}_boxes.txt").write_text(f"{w}_0.JPEG\t0\t0\t63\t63\n")
-    (root / "val" / "images").mkdir(parents=True)
-    lines = []
-    for j in range(n_val):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-            root / "val" / "images" / f"val_{j}.JPEG", format="JPEG")
-        lines.append(f"val_{j}.JPEG\t{wnids[(7 * j) % len(wnids)]}\t0\t0\t63\t63")
-    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    (root / "test" / "images").mkdir(parents=True)
-    return root
+    return write_fake_tiny_imagenet(root, wnids=wnids, n_val=n_val)
 
 
 def pil_rgb(path: Path) -> np.ndarray:

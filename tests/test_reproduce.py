@@ -39,3 +39,37 @@ def test_bad_dataset_for_target_is_rejected(tmp_path, capsys):
                            "--results_dir", str(tmp_path)]) == 2
     assert "covers" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_mock_tiny_imagenet_is_a_fake_folder_the_real_loader_reads(tmp_path, monkeypatch):
+    # tfds cannot mock Tiny ImageNet: --mock_data points the run at a fake
+    # tiny-imagenet-200 in the official layout instead.
+    import tempfile
+    from gce_jax import data
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    name, config = reproduce.make_run("tiny_imagenet", "xe", seed=0, alpha_label=None,
+                                      budget="paper", data_root=None, mock=True)
+    assert name.endswith("_mock_s0") and config.data.source == "local"
+    assert config.data.data_dir.startswith(str(tmp_path))
+    test = data.load_split("tiny_imagenet", "test", data_dir=config.data.data_dir,
+                           source="local", cache=False)
+    assert test.num_classes == 200 and test.images.shape == (32, 64, 64, 3)
+    # A second call reuses the folder rather than rewriting it.
+    again = reproduce.make_run("tiny_imagenet", "gce", seed=0, alpha_label=None,
+                               budget="paper", data_root=None, mock=True)[1]
+    assert again.data.data_dir == config.data.data_dir
+
+
+def test_pgd_table_rows_put_ours_beside_the_papers_and_mark_masking():
+    def report(acc, verdict, steps=100):
+        return {"verdict": verdict, "results": [
+            {"attack": "pgd", "loss": "xe", "eps": 0.3, "robust_accuracy": acc,
+             "settings": {"steps": steps}}]}
+    cols = {"adv_xe": report(0.8123, "no masking detected"),
+            "adv_gce": report(0.5, "gradient masking suspected: square")}
+    lines = reproduce._pgd_table_md("mnist", {"mnist": {("pgd", 0.3): (83.67, 83.85)}}, cols,
+                                    ("adv_xe", "adv_gce"), steps_column=True)
+    row = [l for l in lines if l.startswith("| PGD")][0]
+    assert [c.strip() for c in row.strip("|").split("|")] == [
+        "PGD", "0.3", "81.23", "83.67", "50.00 ⚠masking", "83.85", "100"]
+    assert "GCE: gradient masking suspected: square" in lines[-2]
