@@ -65,6 +65,7 @@ REDUCED: dict[tuple[str, str], dict[str, Any]] = {
 TABLE3_EPS = {"mnist": (0.1, 0.2, 0.3), "cifar10": (0.04, 0.12, 0.2),
               "cifar100": (0.04, 0.12, 0.2), "tiny_imagenet": (0.04, 0.12, 0.2)}
 TABLE5_EPS = {"mnist": 0.2, "cifar10": 0.04}
+SKIPPED_DIAG = "inconclusive: diagnostics skipped (--skip_diag)"
 
 
 # ------------------------------------------------------------------ runs
@@ -290,6 +291,9 @@ def _eval_all(name: str, ds: str, args, *, slow: bool, reference: str | None = N
     if slow:
         reports["slow"] = evaluate_run(name, args.runs_dir, os.path.join(root, "jsma-cw"),
                                        _eval_argv_slow(args))
+    if args.skip_diag:
+        reports["diagnostics"] = {"verdict": SKIPPED_DIAG}
+        return reports
     diag_eps = TABLE5_EPS[ds]
     diag = ["--attacks", "fgsm,bim,pgd", "--eps", *[str(e) for e in eps], "--n", str(args.n_diag),
             "--diag_eps", str(diag_eps), "--seed", str(args.eval_seed),
@@ -307,6 +311,9 @@ def _eval_pgd_table(name: str, sub: str, eps: Sequence[float], args, attacks: st
     main = evaluate_run(name, args.runs_dir, os.path.join(root, f"main-{_eps_tag(eps)}"),
                         ["--attacks", attacks, "--eps", *map(str, eps), "--n", str(args.n),
                          "--no_diagnostics", "--seed", str(args.eval_seed)])
+    if args.skip_diag:
+        main["verdict"] = SKIPPED_DIAG
+        return main
     diag = evaluate_run(name, args.runs_dir, os.path.join(root, f"diag-{_eps_tag(eps[:1])}"),
                         ["--attacks", "fgsm,bim,pgd", "--eps", *map(str, eps), "--n", str(args.n_diag),
                          "--diag_eps", str(eps[0]), "--seed", str(args.eval_seed),
@@ -533,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_diag", type=int, default=1000, help="test images for the diagnostics")
     p.add_argument("--n_tsne", type=int, default=2000)
     p.add_argument("--skip_slow", action="store_true", help="no JSMA/C&W")
+    p.add_argument("--skip_diag", action="store_true",
+                   help="no masking diagnostics (smoke runs only: the verdicts then read "
+                        "'inconclusive')")
     p.add_argument("--eval_seed", type=int, default=0)
     p.add_argument("--restarts", type=int, default=5)
     p.add_argument("--square_queries", type=int, default=5000)

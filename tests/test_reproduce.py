@@ -34,6 +34,17 @@ def test_table3_smoke_on_mock_data_trains_evaluates_and_compares(tmp_path):
     assert all(r["loss"] == "xe" for r in rep["results"] if r["attack"] in ("fgsm", "pgd"))
 
 
+def test_table4_smoke_without_diagnostics_says_so(tmp_path):
+    rc = reproduce.main(["--target", "table4", "--datasets", "cifar100", "--mock_data",
+                         "--budget", "reduced", "--skip_diag", "--runs_dir", str(tmp_path / "runs"),
+                         "--results_dir", str(tmp_path / "results"), "--n", "8"])
+    assert rc == 0
+    md = (tmp_path / "results" / "mock" / "table4" / "table4.md").read_text()
+    row = [l for l in md.splitlines() if l.startswith("| PGD | 0.04 ")][0]
+    assert "(diag. inconclusive)" in row and "| 0.04 |" in row  # the paper's XE number
+    assert "diagnostics skipped (--skip_diag)" in md
+
+
 def test_bad_dataset_for_target_is_rejected(tmp_path, capsys):
     assert reproduce.main(["--target", "table4", "--datasets", "mnist",
                            "--results_dir", str(tmp_path)]) == 2
