@@ -289,7 +289,10 @@ def _eval_all(name: str, ds: str, args, *, slow: bool, reference: str | None = N
     reports = {"main": evaluate_run(name, args.runs_dir, os.path.join(root, f"main-{_eps_tag(eps)}"),
                                     _eval_argv_main(ds, eps, args))}
     if slow:
-        reports["slow"] = evaluate_run(name, args.runs_dir, os.path.join(root, "jsma-cw"),
+        # Keyed by the subset size too: a run on another --n_slow must not
+        # overwrite this one's report.
+        reports["slow"] = evaluate_run(name, args.runs_dir,
+                                       os.path.join(root, f"jsma-cw-n{args.n_slow}"),
                                        _eval_argv_slow(args))
     if args.skip_diag:
         reports["diagnostics"] = {"verdict": SKIPPED_DIAG}
