@@ -107,10 +107,12 @@ def make_run(dataset: str, variant: str, *, seed: int, alpha_label: str | None, 
     config.progress_bar = False
     if budget == "reduced":
         kind = "adv" if variant.startswith("adv") else "natural"
+        base_model = config.model
         for k, v in REDUCED.get((dataset, kind), {}).items():
             _set(config, k, v)
         if REDUCED.get((dataset, kind)):
-            name += "_reduced"
+            # The run name says which model really trained (e.g. resnet20).
+            name = name.replace(base_model, config.model) + "_reduced"
     if mock:
         config.data.source = "tfds"
         config.data.data_dir = None

@@ -84,3 +84,11 @@ def test_pgd_table_rows_put_ours_beside_the_papers_and_mark_masking():
     assert [c.strip() for c in row.strip("|").split("|")] == [
         "PGD", "0.3", "81.23", "83.67", "50.00 ⚠masking", "83.85", "100"]
     assert "GCE: gradient masking suspected: square" in lines[-2]
+
+
+def test_reduced_run_names_the_model_that_trains():
+    name, config = reproduce.make_run("cifar10", "gce", seed=1, alpha_label="1/4",
+                                      budget="reduced", data_root=None, mock=False)
+    assert config.model == "resnet20" and name == "cifar10_resnet20_gce_a1-4_reduced_s1"
+    assert reproduce.make_run("mnist", "xe", seed=0, alpha_label=None, budget="reduced",
+                              data_root=None, mock=False)[0] == "mnist_lenet5_xe_s0"
