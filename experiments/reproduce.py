@@ -149,7 +149,11 @@ def evaluate_run(name: str, runs_dir: str, out_dir: str, argv: Sequence[str]) ->
     if os.path.exists(path):
         with open(path) as f:
             report = json.load(f)
-        if report.get("command", "").endswith(" ".join(shlex.quote(a) for a in args)):
+        # Same run and same attack arguments; where the report was written
+        # (--out) does not matter, so evaluation folders can be reorganised.
+        cmd = report.get("command", "")
+        workdir = "--workdir " + shlex.quote(os.path.join(runs_dir, name)) + " "
+        if workdir in cmd and cmd.endswith(" ".join(shlex.quote(a) for a in args[4:])):
             print(f"[reproduce] reuse {path}", flush=True)
             return report
     print(f"[reproduce] evaluate {name}: {' '.join(argv)}", flush=True)
