@@ -405,7 +405,7 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
                 "C&W-L2 (targeted average case, its own margin loss) on a seeded subset of "
                 "`--n_slow`. ⚠masking marks a model whose diagnostics flag gradient masking: its "
                 "numbers are upper bounds, not robustness. Per-attack settings are in "
-                "`results/evaluations/*/<run>/robustness.json`.\n") + "\n".join(sections)
+                f"`{args.eval_dir}/*/<run>/robustness.json`.\n") + "\n".join(sections)
     write_outputs(args.out_dir, target, payload, md)
 
 
