@@ -145,15 +145,17 @@ def evaluate_run(name: str, runs_dir: str, out_dir: str, argv: Sequence[str]) ->
     from experiments import evaluate
     out = os.path.join(out_dir, name)
     path = os.path.join(out, "robustness.json")
-    args = ["--workdir", os.path.join(runs_dir, name), "--out", out, "--no_progress", *argv]
+    workdir = os.path.join(runs_dir, name)
+    attack_args = ["--no_progress", *argv]
+    args = ["--workdir", workdir, "--out", out, *attack_args]
     if os.path.exists(path):
         with open(path) as f:
             report = json.load(f)
         # Same run and same attack arguments; where the report was written
         # (--out) does not matter, so evaluation folders can be reorganised.
         cmd = report.get("command", "")
-        workdir = "--workdir " + shlex.quote(os.path.join(runs_dir, name)) + " "
-        if workdir in cmd and cmd.endswith(" ".join(shlex.quote(a) for a in args[4:])):
+        if (f"--workdir {shlex.quote(workdir)} " in cmd
+                and cmd.endswith(" ".join(shlex.quote(a) for a in attack_args))):
             print(f"[reproduce] reuse {path}", flush=True)
             return report
     print(f"[reproduce] evaluate {name}: {' '.join(argv)}", flush=True)
