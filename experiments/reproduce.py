@@ -55,9 +55,12 @@ REDUCED: dict[tuple[str, str], dict[str, Any]] = {
     # ResNet-20 takes ~7.5 min per epoch on 2 idle cores (more when shared).
     ("cifar10", "natural"): {"model": "resnet20", "epochs": 2,
                              "lr_schedule.boundaries_epochs": (1.5,)},
-    ("cifar10", "adv"): {"model": "resnet20", "epochs": 2, "lr_schedule.boundaries_epochs": (1,),
-                         "training.adversarial.steps": 3,
-                         "training.adversarial.step_size": 2.5 * (8 / 255) / 3},
+    # Adversarial training costs ~(1 + 0.7 x inner steps) natural epochs; one
+    # epoch with a 2-step inner PGD (2 x 1.25 eps, random start) is what fits.
+    ("cifar10", "adv"): {"model": "resnet20", "epochs": 1,
+                         "lr_schedule.boundaries_epochs": (0.75,),
+                         "training.adversarial.steps": 2,
+                         "training.adversarial.step_size": 1.25 * (8 / 255)},
     ("cifar100", "natural"): {"model": "resnet20", "epochs": 1},
     ("tiny_imagenet", "natural"): {"epochs": 1},
 }
@@ -227,13 +230,19 @@ def hardware_line() -> str:
     return f"CPU only, {os.cpu_count()} cores ({cpu})"
 
 
+def _seeds_str(seeds: dict[str, list[int]]) -> str:
+    if len({tuple(v) for v in seeds.values()}) <= 1:
+        return str(next(iter(seeds.values()), []))
+    return ", ".join(f"{ds} {v}" for ds, v in seeds.items())
+
+
 def header(target: str, args, extra: str = "") -> str:
     import jax
     from gce_jax.evaluation import git_info
     cmd = "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in args.argv)
     return (f"# {target}\n\nCommand: `{cmd}`  \nBudget: **{args.budget}**"
             f"{' (mock data: smoke run, numbers meaningless)' if args.mock_data else ''}; "
-            f"seeds {args.seeds}; hardware: {hardware_line()}; jax {jax.__version__}; "
+            f"seeds {_seeds_str(args.seeds)}; hardware: {hardware_line()}; jax {jax.__version__}; "
             f"git {git_info().get('commit', '?')[:10]}"
             f"; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n{extra}\n")
 
@@ -246,7 +255,7 @@ def table2(args) -> None:
         cells = {}
         for variant, alpha in models:
             errs = []
-            for seed in args.seeds:
+            for seed in args.seeds[ds]:
                 name, config = make_run(ds, variant, seed=seed, alpha_label=alpha,
                                         budget=args.budget, data_root=args.data_root,
                                         mock=args.mock_data)
@@ -278,8 +287,23 @@ def _eval_argv_main(ds: str, eps: Sequence[float], args) -> list[str]:
 
 
 def _eval_argv_slow(args) -> list[str]:
-    return ["--attacks", "jsma,carlini_wagner_l2", "--n", str(args.n_slow), "--no_diagnostics",
+    argv = ["--attacks", "jsma,carlini_wagner_l2", "--n", str(args.n_slow), "--no_diagnostics",
             "--seed", str(args.eval_seed)]
+    for flag in ("cw_binary_steps", "cw_steps"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    return argv
+
+
+def _slow_tag(args) -> str:
+    """``jsma-cw-n1000``; a reduced C&W budget is part of the name (``...-cw5x200``)."""
+    from gce_jax.evaluation import PAPER_PARAMS
+    paper = PAPER_PARAMS["carlini_wagner_l2"]
+    tag = f"jsma-cw-n{args.n_slow}"
+    if args.cw_binary_steps is not None or args.cw_steps is not None:
+        tag += (f"-cw{args.cw_binary_steps or paper['binary_steps']}"
+                f"x{args.cw_steps or paper['steps']}")
+    return tag
 
 
 def _eps_tag(eps: Sequence[float]) -> str:
@@ -299,8 +323,7 @@ def _eval_all(name: str, ds: str, args, *, slow: bool, reference: str | None = N
     if slow:
         # Keyed by the subset size too: a run on another --n_slow must not
         # overwrite this one's report.
-        reports["slow"] = evaluate_run(name, args.runs_dir,
-                                       os.path.join(root, f"jsma-cw-n{args.n_slow}"),
+        reports["slow"] = evaluate_run(name, args.runs_dir, os.path.join(root, _slow_tag(args)),
                                        _eval_argv_slow(args))
     if args.skip_diag:
         reports["diagnostics"] = {"verdict": SKIPPED_DIAG}
@@ -384,7 +407,7 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
     for ds in args.datasets:
         reports = {}
         for variant in variants:
-            seed = args.seeds[0]
+            seed = args.seeds[ds][0]
             name, config = make_run(ds, variant, seed=seed, alpha_label=None, budget=args.budget,
                                     data_root=args.data_root, mock=args.mock_data)
             train_run(name, config, args.runs_dir)
@@ -405,7 +428,9 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
                 "\nAll FGSM/BIM/PGD/MIM numbers attack the **cross-entropy** loss (the paper's "
                 "Eqs. 4-7), untargeted, on `--n` test images; JSMA (targeted, logit Jacobian) and "
                 "C&W-L2 (targeted average case, its own margin loss) on a seeded subset of "
-                "`--n_slow`. ⚠masking marks a model whose diagnostics flag gradient masking: its "
+                "`--n_slow`" + (f" (C&W budget **reduced** to `{_slow_tag(args)}`: binary steps x "
+                                 "Adam steps; paper 9 x 1000)" if "-cw" in _slow_tag(args) else "")
+                + ". ⚠masking marks a model whose diagnostics flag gradient masking: its "
                 "numbers are upper bounds, not robustness. Per-attack settings are in "
                 f"`{args.eval_dir}/*/<run>/robustness.json`.\n") + "\n".join(sections)
     write_outputs(args.out_dir, target, payload, md)
@@ -447,7 +472,7 @@ def _pgd_target(args, target: str, variants: Sequence[str], paper: dict, attacks
     for ds in args.datasets:
         cols = {}
         for variant in variants:
-            name, config = make_run(ds, variant, seed=args.seeds[0], alpha_label=None,
+            name, config = make_run(ds, variant, seed=args.seeds[ds][0], alpha_label=None,
                                     budget=args.budget, data_root=args.data_root,
                                     mock=args.mock_data)
             train_run(name, config, args.runs_dir)
@@ -479,7 +504,7 @@ def tsne_target(target: str, args) -> None:
     for ds in args.datasets:
         feats, labels = {}, None
         for variant in variants:
-            name, config = make_run(ds, variant, seed=args.seeds[0], alpha_label=None,
+            name, config = make_run(ds, variant, seed=args.seeds[ds][0], alpha_label=None,
                                     budget=args.budget, data_root=args.data_root,
                                     mock=args.mock_data)
             train_run(name, config, args.runs_dir)
@@ -534,13 +559,39 @@ TARGETS = {"table2": table2, "table3": table3, "table4": table4, "table5": table
            "fig4": lambda a: tsne_target("fig4", a), "fig2": fig2, "fig3": fig3}
 
 
+def parse_seeds(specs: Sequence[str], datasets: Sequence[str]) -> dict[str, list[int]]:
+    """``["0,1,2", "cifar10=0"]`` -> ``{"mnist": [0, 1, 2], "cifar10": [0]}``.
+
+    Per-data-set seeds let one table mix 3 MNIST seeds with 1 CIFAR-10 seed,
+    which is what the CPU budget affords.
+    """
+    default, override = [0], {}
+    for spec in specs:
+        ds, _, seeds = spec.rpartition("=")
+        try:
+            values = [int(v) for v in seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"{spec!r} is not a comma list of integers") from None
+        if ds and ds not in datasets:
+            raise ValueError(f"{ds!r} is not one of this run's data sets {list(datasets)}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{spec!r} repeats a seed")
+        if ds:
+            override[ds] = values
+        else:
+            default = values
+    return {ds: override.get(ds, default) for ds in datasets}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, choices=sorted(TARGETS))
     p.add_argument("--datasets", default=None, help="comma list (default: all of the target's)")
     p.add_argument("--budget", choices=("paper", "reduced"), default="paper")
-    p.add_argument("--seeds", default="0", help="comma list of training seeds")
+    p.add_argument("--seeds", action="append", default=None, metavar="[DATASET=]S,S,...",
+                   help="training seeds, a comma list (default 0); repeat with a DATASET= "
+                        "prefix to override one data set, e.g. --seeds 0,1,2 --seeds cifar10=0")
     p.add_argument("--runs_dir", default="runs")
     p.add_argument("--results_dir", default="results")
     p.add_argument("--data_root", default=os.path.join("..", "shared", "data"),
@@ -554,6 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_diag", action="store_true",
                    help="no masking diagnostics (smoke runs only: the verdicts then read "
                         "'inconclusive')")
+    p.add_argument("--cw_binary_steps", type=int, default=None,
+                   help="reduced C&W-L2 budget (default: the paper's 9 binary steps)")
+    p.add_argument("--cw_steps", type=int, default=None,
+                   help="reduced C&W-L2 budget (default: the paper's 1000 steps)")
     p.add_argument("--eval_seed", type=int, default=0)
     p.add_argument("--restarts", type=int, default=5)
     p.add_argument("--square_queries", type=int, default=5000)
@@ -570,9 +625,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         print(f"error: {args.target} covers {list(known)}, not {bad}", file=sys.stderr)
         return 2
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    for flag in ("n", "n_slow", "n_diag", "n_tsne", "restarts", "square_queries"):
-        if getattr(args, flag) < 1:
+    try:
+        args.seeds = parse_seeds(args.seeds or ["0"], args.datasets)
+    except ValueError as e:
+        print(f"error: --seeds: {e}", file=sys.stderr)
+        return 2
+    for flag in ("n", "n_slow", "n_diag", "n_tsne", "restarts", "square_queries",
+                 "cw_binary_steps", "cw_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             print(f"error: --{flag} must be >= 1", file=sys.stderr)
             return 2
     args.data_root = args.data_root or None

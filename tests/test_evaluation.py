@@ -204,6 +204,7 @@ def fake_workdir(tmp_path):
     (["--attacks", "pgd,nope"], "unknown attack 'nope'"),
     (["--eps", "0.1", "-0.2"], "--eps must be >= 0"),
     (["--n", "0"], "--n must be > 0"),
+    (["--cw_steps", "0"], "--cw_steps must be >= 1"),
     ([], "could not load the checkpoint"),
 ])
 def test_cli_bad_input_gives_one_error_and_writes_nothing(fake_workdir, tmp_path, capsys,
@@ -284,3 +285,14 @@ def test_cli_end_to_end_on_a_trained_checkpoint(tiny_run, tmp_path, capsys):
     md = (out / "robustness.md").read_text().strip().splitlines()
     assert md[-1] == f"**Verdict (digits_lenet5_xe): {verdict}**"
     assert not [f for f in os.listdir(out) if f.startswith(".")]
+
+
+def test_cli_reduced_cw_budget_is_used_and_recorded(tiny_run, tmp_path):
+    from experiments import evaluate as cli
+    out = tmp_path / "cw"
+    assert cli.main(["--workdir", tiny_run, "--attacks", "carlini_wagner_l2", "--n", "16",
+                     "--cw_binary_steps", "2", "--cw_steps", "5", "--no_diagnostics",
+                     "--out", str(out), "--no_progress"]) == 0
+    (rec,) = json.load(open(out / "robustness.json"))["results"]
+    assert rec["attack"] == "carlini_wagner_l2"
+    assert rec["settings"]["binary_steps"] == 2 and rec["settings"]["steps"] == 5

@@ -92,3 +92,29 @@ def test_reduced_run_names_the_model_that_trains():
     assert config.model == "resnet20" and name == "cifar10_resnet20_gce_a1-4_reduced_s1"
     assert reproduce.make_run("mnist", "xe", seed=0, alpha_label=None, budget="reduced",
                               data_root=None, mock=False)[0] == "mnist_lenet5_xe_s0"
+
+
+def test_per_dataset_seeds_override_the_default():
+    seeds = reproduce.parse_seeds(["0,1,2", "cifar10=0"], ["mnist", "cifar10"])
+    assert seeds == {"mnist": [0, 1, 2], "cifar10": [0]}
+    assert reproduce.parse_seeds(["3"], ["mnist"]) == {"mnist": [3]}
+
+
+def test_bad_seeds_are_rejected_before_anything_is_written(tmp_path, capsys):
+    for bad in (["cifar100=0"], ["0,x"], ["1,1"]):
+        assert reproduce.main(["--target", "table2", "--datasets", "mnist,cifar10",
+                               *sum((["--seeds", b] for b in bad), []),
+                               "--runs_dir", str(tmp_path / "runs"),
+                               "--results_dir", str(tmp_path / "results")]) == 2
+        assert "--seeds" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_reduced_cw_budget_gets_its_own_evaluation_folder():
+    args = reproduce.build_parser().parse_args(["--target", "table3", "--n_slow", "100"])
+    assert reproduce._slow_tag(args) == "jsma-cw-n100"  # the paper's budget: unchanged name
+    assert "--cw_steps" not in reproduce._eval_argv_slow(args)
+    args = reproduce.build_parser().parse_args(["--target", "table3", "--n_slow", "100",
+                                                "--cw_steps", "200"])
+    assert reproduce._slow_tag(args) == "jsma-cw-n100-cw9x200"
+    assert reproduce._eval_argv_slow(args)[-2:] == ["--cw_steps", "200"]
