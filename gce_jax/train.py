@@ -734,6 +734,7 @@ def _train_one_epoch(config: ml_collections.ConfigDict, state: TrainState, step_
     # Host time blocked on the input pipeline. Steps are dispatched
     # asynchronously, so this bounds how long the device could have starved.
     data_wait = 0.0
+    first_step = 0.0
     try:
         i = 0
         while True:
@@ -744,6 +745,11 @@ def _train_one_epoch(config: ml_collections.ConfigDict, state: TrainState, step_
                 break
             i += 1
             state, metrics = step_fn(state, metrics, batch)
+            if i == 1:
+                # One sync, so the first step (which compiles in the first
+                # epoch of a process) is timed apart from the steady state.
+                jax.block_until_ready(metrics)
+                first_step = time.time() - t0
             bar.update(1)
             # Fetching is a host-device sync: only every log_every steps.
             if i % log_every == 0:
@@ -757,8 +763,13 @@ def _train_one_epoch(config: ml_collections.ConfigDict, state: TrainState, step_
         bar.close()
     elapsed = time.time() - t0
     _check_finite(m, epoch)
+    # Steady-state throughput: the first step (compilation included) is
+    # reported as first_step_s and left out, assuming equal batches.
+    images = int(m["count"]) * (i - 1) / max(i, 1)
     record = {"epoch": epoch, **_summarise(m), "lr": lr, "epoch_time_s": elapsed,
-              "images_per_s": int(m["count"]) / max(elapsed, 1e-9),
+              "first_step_s": first_step,
+              "images_per_s": images / max(elapsed - first_step, 1e-9) if i > 1
+              else int(m["count"]) / max(elapsed, 1e-9),
               "data_wait_s": data_wait, "prefetch": depth}
     if state.comp_opt_state is None:
         record.pop("train_complement_loss")

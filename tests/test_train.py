@@ -100,6 +100,7 @@ def test_outputs_metrics_and_selection(runs):
                     "wall_time_s", "images_per_s", "data_wait_s"):
             assert key in r and r[key] is not None and np.isfinite(r[key]), key
         assert 0 <= r["data_wait_s"] <= r["epoch_time_s"]
+        assert 0 < r["first_step_s"] < r["epoch_time_s"]
         assert r["lr"] == pytest.approx(3e-3)
     assert lines[1]["train_loss"] < lines[0]["train_loss"]  # it learns
     assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tb")))
