@@ -102,12 +102,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise CLIError(f"--n must be > 0, got {args.n}")
     if args.batch_size <= 0:
         raise CLIError(f"--batch_size must be > 0, got {args.batch_size}")
-    for flag in ("restarts", "apgd_steps", "square_queries"):
-        if getattr(args, flag) < 1:
-            raise CLIError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("cw_binary_steps", "cw_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise CLIError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("restarts", "apgd_steps", "square_queries", "cw_binary_steps", "cw_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CLIError(f"--{flag} must be >= 1, got {value}")
     if args.pgd_steps is not None and args.pgd_steps < 1:
         raise CLIError(f"--pgd_steps must be >= 1, got {args.pgd_steps}")
     if args.pgd_step_size is not None and not args.pgd_step_size > 0:

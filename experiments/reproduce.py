@@ -424,12 +424,13 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
                        "verdicts": {v: r["diagnostics"].get("verdict") for v, r in reports.items()},
                        "reports": {v: {k: rep.get("run") for k, rep in r.items()}
                                    for v, r in reports.items()}}
+    slow_tag = _slow_tag(args)
     md = header(f"{target}: accuracy (%) under white-box attacks", args,
                 "\nAll FGSM/BIM/PGD/MIM numbers attack the **cross-entropy** loss (the paper's "
                 "Eqs. 4-7), untargeted, on `--n` test images; JSMA (targeted, logit Jacobian) and "
                 "C&W-L2 (targeted average case, its own margin loss) on a seeded subset of "
-                "`--n_slow`" + (f" (C&W budget **reduced** to `{_slow_tag(args)}`: binary steps x "
-                                 "Adam steps; paper 9 x 1000)" if "-cw" in _slow_tag(args) else "")
+                "`--n_slow`" + (f" (C&W budget **reduced** to `{slow_tag}`: binary steps x "
+                                 "Adam steps; paper 9 x 1000)" if "-cw" in slow_tag else "")
                 + ". ⚠masking marks a model whose diagnostics flag gradient masking: its "
                 "numbers are upper bounds, not robustness. Per-attack settings are in "
                 f"`{args.eval_dir}/*/<run>/robustness.json`.\n") + "\n".join(sections)
