@@ -18,6 +18,7 @@ mask ever enters a product (which would give NaN gradients).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -72,60 +73,73 @@ def _compute_dtype(logits: Array) -> jnp.dtype:
     return jnp.promote_types(logits.dtype, jnp.float32)
 
 
-def _complement_stats(logits: Array, labels: Array):
-    """Shared single pass over the logits.
+def _complement_forward(z: Array, labels: Array, alpha: float, scale: float):
+    """Loss ``scale * p_g^alpha * sum_{j!=g} q_j log q_j`` and what its derivative reuses.
 
-    Returns ``(z_g, lse_c, neg_ent, valid_nan)`` with ``z_g`` the label logit,
-    ``lse_c = log sum_{j!=g} exp(z_j)`` and ``neg_ent = sum_{j!=g} q_j log q_j``.
+    One masked pass (the complement max), one ``exp`` and two plain sums. The
+    label column is *not* masked inside the ``exp``: a label compare in that
+    fusion made XLA:CPU's exp about 1.7x slower (benchmarks/RESULTS.md).
+    Instead the exponent is clamped at 0, which is a no-op for every
+    complement class (``z_j <= m_c``) and bounds the label's term by 1; its
+    exact contribution is then subtracted in row space. Since the complement
+    argmax contributes ``exp(0) = 1``, ``sum(e) >= 1 + e_g`` with ``e_g <= 1``
+    and the subtraction loses at most one ulp of relative precision.
     """
-    z = logits.astype(_compute_dtype(logits))
-    is_label, valid_nan = _label_mask(z, labels)
-    z_g, lse_c, neg_ent = _complement_core(z, is_label)
-    return z_g, lse_c, neg_ent, valid_nan
-
-
-def _complement_forward(z: Array, is_label: Array):
-    """``(z_g, lse_c, neg_ent)`` and the intermediates the derivative reuses."""
-    not_label = ~is_label
-    z_g = jnp.sum(jnp.where(is_label, z, 0.0), axis=-1)
+    tiny = jnp.finfo(z.dtype).tiny
+    is_label = labels[..., None] == jnp.arange(z.shape[-1])
+    z_g = jnp.take_along_axis(z, jnp.clip(labels, 0, z.shape[-1] - 1)[..., None],
+                              axis=-1)[..., 0]
     # Max over the complement only: when p_g -> 1 the complement logits are far
     # below z_g, and shifting by the global max would underflow all of them.
-    m_c = jnp.max(jnp.where(not_label, z, -jnp.inf), axis=-1, keepdims=True)
-    # The inner where keeps exp() of the (possibly huge) label logit out of
-    # the computation entirely (e and shifted are exact zeros there).
-    shifted = jnp.where(not_label, z - m_c, 0.0)
-    e = jnp.where(not_label, jnp.exp(shifted), 0.0)
-    s = jnp.sum(e, axis=-1)  # >= 1: the complement argmax contributes exp(0).
+    m_c = jnp.max(jnp.where(is_label, -jnp.inf, z), axis=-1)
+    e = jnp.exp(jnp.minimum(z - m_c[..., None], 0.0))
+    d = jnp.minimum(z_g - m_c, 0.0)  # the label's clamped exponent
+    e_g = jnp.exp(d)
+    s = jnp.sum(e, axis=-1) - e_g  # sum_{j!=g} exp(z_j - m_c), >= 1
+    # sum_j e_j log e_j reads only e (log q_j + log s = z_j - m_c for j != g);
+    # the tiny floor makes underflowed terms 0 * finite instead of 0 * -inf.
+    t = jnp.sum(e * jnp.log(jnp.maximum(e, tiny)), axis=-1) - d * e_g
     log_s = jnp.log(s)
-    neg_ent = jnp.sum(e * shifted, axis=-1) / s - log_s
-    lse_c = m_c[..., 0] + log_s
-    return (z_g, lse_c, neg_ent), (e, shifted, s, log_s)
+    neg_ent = t / s - log_s  # sum_{j!=g} q_j log q_j, in [-log(K-1), 0]
+    u = z_g - m_c - log_s  # log p_g - log(1 - p_g)
+    guide = jnp.exp(alpha * jax.nn.log_sigmoid(u)) if alpha else jnp.ones_like(u)
+    loss = scale * guide * neg_ent
+    return loss, (is_label, e, m_c, s, log_s, neg_ent, u, guide)
 
 
-@jax.custom_jvp
-def _complement_core(z: Array, is_label: Array):
-    return _complement_forward(z, is_label)[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _complement_loss(z: Array, labels: Array, alpha: float, scale: float) -> Array:
+    return _complement_forward(z, labels, alpha, scale)[0]
 
 
-@_complement_core.defjvp
-def _complement_core_jvp(primals, tangents):
-    # Closed-form derivatives, for speed only (the values are unchanged). With
-    # q_j = e_j / s = exp(z_j - lse_c) and log q_j = shifted_j - log s (j != g):
-    #   d z_g     = dz_g
-    #   d lse_c   = sum_j q_j dz_j
-    #   d neg_ent = sum_j q_j (log q_j - neg_ent) dz_j
-    # Reverse mode turns this into one elementwise pass over e and shifted
-    # (already in memory from the forward pass); autodiff through the
-    # max/where/exp/log chain took about 1.4x as long (benchmarks/losses.py).
+@_complement_loss.defjvp
+def _complement_loss_jvp(alpha, scale, primals, tangents):
+    # Closed-form derivative, for speed only (values unchanged): reverse mode
+    # then needs one elementwise pass over e and z, where autodiff through
+    # the max/where/exp/log chain took 1.4-2x as long (benchmarks/losses.py).
+    # With q_j = e_j / s, log q_j = (z_j - m_c) - log s, H = sum q log q and
+    # 1 - p_g = sigmoid(-u):
+    #   dL/dz_j = scale p_g^a q_j (log q_j - H - a (1 - p_g) H)   (j != g)
+    #   dL/dz_g = scale p_g^a a (1 - p_g) H
     # The rule is plain jnp code, so higher-order derivatives still work.
-    z, is_label = primals
+    z, labels = primals
     dz, _ = tangents
-    (z_g, lse_c, neg_ent), (e, shifted, s, log_s) = _complement_forward(z, is_label)
-    d_zg = jnp.sum(jnp.where(is_label, dz, 0.0), axis=-1)
-    inv_s = 1.0 / s
-    d_lse = jnp.sum(e * dz, axis=-1) * inv_s
-    d_ent = jnp.sum(e * (shifted - (log_s + neg_ent)[..., None]) * dz, axis=-1) * inv_s
-    return (z_g, lse_c, neg_ent), (d_zg, d_lse, d_ent)
+    loss, (is_label, e, m_c, s, log_s, neg_ent, u, guide) = _complement_forward(
+            z, labels, alpha, scale)
+    one_m_pg = jax.nn.sigmoid(-u)
+    a = (scale * guide / s)[..., None]
+    b = (log_s + neg_ent * (1.0 + alpha * one_m_pg))[..., None]
+    g_label = (scale * guide * alpha * one_m_pg * neg_ent)[..., None]
+    coef = jnp.where(is_label, g_label, a * e * (jnp.minimum(z - m_c[..., None], 0.0) - b))
+    return loss, jnp.sum(coef * dz, axis=-1)
+
+
+def _complement_objective(logits: Array, labels: Array, alpha: float, scale: float) -> Array:
+    z = logits.astype(_compute_dtype(logits))
+    k = z.shape[-1]
+    valid_nan = jnp.where((labels >= 0) & (labels < k), 0.0, jnp.nan)
+    loss = _complement_loss(z, labels, float(alpha), float(scale)) + valid_nan
+    return loss.astype(logits.dtype)
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -177,9 +191,8 @@ def complement_entropy(logits: Array, labels: Array, *,
     logits, labels = _validate(logits, labels)
     k = logits.shape[-1]
     _check_num_classes(k, normalize)
-    _, _, neg_ent, valid_nan = _complement_stats(logits, labels)
-    loss = neg_ent / (math.log(k - 1) if normalize else 1.0) + valid_nan
-    return loss.astype(logits.dtype)
+    return _complement_objective(logits, labels, 0.0,
+                                 1.0 / math.log(k - 1) if normalize else 1.0)
 
 
 def guided_complement_entropy(logits: Array, labels: Array, *, alpha: float,
@@ -198,7 +211,8 @@ def guided_complement_entropy(logits: Array, labels: Array, *, alpha: float,
     paper's log(K-1).
 
     ``log p_g`` is computed as ``log_sigmoid(z_g - logsumexp_{j != g} z_j)``,
-    which shares the single pass over the logits with the complement term.
+    which shares the single pass over the logits with the complement term;
+    value and derivative come from one fused rule (``custom_jvp``).
 
     Args:
         logits: ``[..., K]``; ``K >= 3`` when ``normalize`` (log(K-1) = 0 at K=2).
@@ -214,11 +228,8 @@ def guided_complement_entropy(logits: Array, labels: Array, *, alpha: float,
     _check_num_classes(k, normalize)
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    z_g, lse_c, neg_ent, valid_nan = _complement_stats(logits, labels)
-    log_p_g = jax.nn.log_sigmoid(z_g - lse_c)
-    guide = jnp.exp(alpha * log_p_g)
-    loss = guide * neg_ent / (math.log(k - 1) if normalize else 1.0) + valid_nan
-    return loss.astype(logits.dtype)
+    return _complement_objective(logits, labels, alpha,
+                                 1.0 / math.log(k - 1) if normalize else 1.0)
 
 
 def _check_num_classes(k: int, normalize: bool) -> None:

@@ -170,6 +170,41 @@ def test_finite_value_and_grad_on_extreme_logits(case):
         assert np.all(np.isfinite(np.asarray(grad, np.float32))), (name, z, y)
 
 
+def np_gce_stable(z, y, alpha):
+    """Eq. 3 in float64 from the complement logits directly (no 1 - p_g)."""
+    z = np.asarray(z, np.float64)
+    out = []
+    for zi, g in zip(z, y):
+        zc = np.delete(zi, g)
+        lq = zc - zc.max() - np.log(np.sum(np.exp(zc - zc.max())))
+        lse_c = zc.max() + np.log(np.sum(np.exp(zc - zc.max())))
+        log_pg = -np.logaddexp(0.0, lse_c - zi[g])
+        out.append(np.exp(alpha * log_pg) * np.sum(np.exp(lq) * lq) / math.log(len(zi) - 1))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("case", ["shifted_1e3", "pg_to_1", "pg_to_0", "flat_complement"])
+def test_accurate_far_from_zero(case):
+    # The label column is clamped, not masked, inside exp (see losses.py):
+    # its removal must not cost accuracy where p_g -> 1, p_g -> 0, or for
+    # logits far from 0. Reference: float64 on the same float32 inputs.
+    z, y = random_case(5, k=10)
+    rows = np.arange(len(y))
+    if case == "shifted_1e3":
+        z = z + np.float32(1e3)
+    elif case == "pg_to_1":
+        z[rows, y] = 1e4
+    elif case == "pg_to_0":
+        z[rows, y] = -1e4
+    else:
+        z[:] = 2.0
+        z[rows, y] = 30.0
+    for alpha in (0.0, 1 / 3, 1.0):
+        got = np.asarray(losses.guided_complement_entropy(jnp.asarray(z), jnp.asarray(y),
+                                                           alpha=alpha), np.float64)
+        np.testing.assert_allclose(got, np_gce_stable(z, y, alpha), rtol=1e-5, atol=2e-6)
+
+
 def test_bfloat16_close_to_float32():
     z, y = random_case(13, k=10)
     f32 = losses.guided_complement_entropy(z, y, alpha=1 / 3)
