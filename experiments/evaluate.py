@@ -207,6 +207,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     from gce_jax import evaluation as E
     from gce_jax import plots
     from gce_jax.attacks import inference_logits_fn
+    from gce_jax.checkpoint import variables_fingerprint
 
     model, variables, config = _load(args.workdir, args.selection, "--workdir")
     ref = None
@@ -271,6 +272,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                                      .get("enabled", False)),
         "config_name": config.get("name"),
         "reference_workdir": args.reference_workdir,
+        # Which weights were attacked: reuse (experiments.reproduce) compares it.
+        "variables_sha256": variables_fingerprint(variables),
     }
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "experiments.evaluate", *argv])
     report = E.build_report(run=run_name, workdir=os.path.abspath(args.workdir),

@@ -143,6 +143,13 @@ def train_run(name: str, config, runs_dir: str) -> dict:
     return out
 
 
+def run_fingerprint(workdir: str) -> str:
+    """``variables_sha256`` of the checkpoint ``experiments.evaluate`` would load."""
+    from gce_jax.checkpoint import variables_fingerprint
+    from gce_jax.train import load_for_eval
+    return variables_fingerprint(load_for_eval(workdir)[1])
+
+
 def evaluate_run(name: str, runs_dir: str, out_dir: str, argv: Sequence[str]) -> dict:
     """``experiments.evaluate`` on one run; returns its report (reused if present)."""
     from experiments import evaluate
@@ -154,13 +161,18 @@ def evaluate_run(name: str, runs_dir: str, out_dir: str, argv: Sequence[str]) ->
     if os.path.exists(path):
         with open(path) as f:
             report = json.load(f)
-        # Same run and same attack arguments; where the report was written
-        # (--out) does not matter, so evaluation folders can be reorganised.
+        # Same run, same attack arguments and the same weights; where the
+        # report was written (--out) does not matter, so evaluation folders
+        # can be reorganised. A retrained model with the run's name (runs/ is
+        # not kept between machines) gets a new evaluation.
         cmd = report.get("command", "")
         if (f"--workdir {shlex.quote(workdir)} " in cmd
                 and cmd.endswith(" ".join(shlex.quote(a) for a in attack_args))):
-            print(f"[reproduce] reuse {path}", flush=True)
-            return report
+            if report.get("model", {}).get("variables_sha256") == run_fingerprint(workdir):
+                print(f"[reproduce] reuse {path}", flush=True)
+                return report
+            print(f"[reproduce] {path} was computed on other weights (or records none): "
+                  "evaluating again", flush=True)
     print(f"[reproduce] evaluate {name}: {' '.join(argv)}", flush=True)
     parsed = evaluate.build_parser().parse_args(args)
     return evaluate.run(parsed, args)
@@ -425,12 +437,17 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
                        "reports": {v: {k: rep.get("run") for k, rep in r.items()}
                                    for v, r in reports.items()}}
     slow_tag = _slow_tag(args)
+    reduced_cw = args.cw_binary_steps is not None or args.cw_steps is not None
+    if args.skip_slow:
+        slow_text = "JSMA and C&W-L2 were not run (`--skip_slow`)"
+    else:
+        slow_text = ("JSMA (targeted, logit Jacobian) and C&W-L2 (targeted average case, its "
+                     f"own margin loss) on a seeded subset of {args.n_slow} (`--n_slow`)"
+                     + (f"; C&W budget **reduced** (`{slow_tag}`: binary steps x Adam steps; "
+                        "paper 9 x 1000)" if reduced_cw else ""))
     md = header(f"{target}: accuracy (%) under white-box attacks", args,
                 "\nAll FGSM/BIM/PGD/MIM numbers attack the **cross-entropy** loss (the paper's "
-                "Eqs. 4-7), untargeted, on `--n` test images; JSMA (targeted, logit Jacobian) and "
-                "C&W-L2 (targeted average case, its own margin loss) on a seeded subset of "
-                "`--n_slow`" + (f" (C&W budget **reduced** to `{slow_tag}`: binary steps x "
-                                 "Adam steps; paper 9 x 1000)" if "-cw" in slow_tag else "")
+                "Eqs. 4-7), untargeted, on `--n` test images; " + slow_text
                 + ". ⚠masking marks a model whose diagnostics flag gradient masking: its "
                 "numbers are upper bounds, not robustness. Per-attack settings are in "
                 f"`{args.eval_dir}/*/<run>/robustness.json`.\n") + "\n".join(sections)

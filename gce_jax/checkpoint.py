@@ -102,3 +102,21 @@ class CheckpointStore:
         self._last.close()
         if self._best is not None:
             self._best.close()
+
+
+def variables_fingerprint(variables: Any) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes.
+
+    Identifies *which weights* a report was computed on, so that a result is
+    never reused for a retrained model that merely has the same run name.
+    """
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}|".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()

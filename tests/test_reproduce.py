@@ -118,3 +118,42 @@ def test_reduced_cw_budget_gets_its_own_evaluation_folder():
                                                 "--cw_steps", "200"])
     assert reproduce._slow_tag(args) == "jsma-cw-n100-cw9x200"
     assert reproduce._eval_argv_slow(args)[-2:] == ["--cw_steps", "200"]
+
+
+def test_evaluations_are_reused_only_for_the_same_weights(tmp_path, monkeypatch):
+    from experiments import evaluate
+    runs, out = tmp_path / "runs", tmp_path / "evals"
+    argv = ["--attacks", "fgsm", "--n", "8"]
+    workdir = str(runs / "r")
+    report = {"command": f"python -m experiments.evaluate --workdir {workdir} --out x "
+                         "--no_progress --attacks fgsm --n 8",
+              "model": {"variables_sha256": "aaa"}, "results": []}
+    (out / "r").mkdir(parents=True)
+    (out / "r" / "robustness.json").write_text(json.dumps(report))
+    calls = []
+    monkeypatch.setattr(evaluate, "run", lambda parsed, args: calls.append(args) or {"new": 1})
+    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "aaa")
+    assert reproduce.evaluate_run("r", str(runs), str(out), argv) == report and not calls
+    # Retrained under the same name (other weights): evaluated again.
+    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "bbb")
+    assert reproduce.evaluate_run("r", str(runs), str(out), argv) == {"new": 1}
+    assert len(calls) == 1 and calls[0][:2] == ["--workdir", workdir]
+    # A report that records no weights is not trusted either.
+    del report["model"]["variables_sha256"]
+    (out / "r" / "robustness.json").write_text(json.dumps(report))
+    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "aaa")
+    assert reproduce.evaluate_run("r", str(runs), str(out), argv) == {"new": 1}
+
+
+def test_variables_fingerprint_sees_values_shapes_and_names():
+    import numpy as np
+    from gce_jax.checkpoint import variables_fingerprint
+    v = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}}
+    fp = variables_fingerprint(v)
+    assert fp == variables_fingerprint({"params": {"b": np.zeros(3, np.float32),
+                                                   "w": np.arange(6, dtype=np.float32).reshape(2, 3)}})
+    w2 = v["params"]["w"].copy()
+    w2[1, 2] = np.nextafter(w2[1, 2], np.float32(10))
+    assert variables_fingerprint({"params": {**v["params"], "w": w2}}) != fp
+    assert variables_fingerprint({"params": {**v["params"], "w": v["params"]["w"].reshape(3, 2)}}) != fp
+    assert variables_fingerprint({"params": {"w2": v["params"]["w"], "b": v["params"]["b"]}}) != fp
