@@ -141,21 +141,32 @@ def step_case(name: str = "step", model: str = "lenet5", conv_impl: str = "auto"
 
 
 def project_step_case(name: str = "project", model: str = "lenet5", loss: str = "xe",
-                      batch: int = 64, conv_impl: str = "auto") -> StepCase:
-    """The project's step: ``gce_jax.train.make_train_step`` on a 1-device mesh."""
-    from experiments.configs import mnist_lenet5
+                      batch: int = 64, conv_impl: str = "auto",
+                      dtype: str = "float32") -> StepCase:
+    """The project's step: ``gce_jax.train.make_train_step`` on all devices.
+
+    LeNet-5 uses the MNIST config (Adam), the ResNets the CIFAR-10 one (SGD
+    momentum, weight decay); ``dtype`` is the compute dtype (params stay
+    float32), ``loss`` a config variant (``xe``, ``gce``).
+    """
+    from experiments.configs import cifar10_resnet56, mnist_lenet5
     from gce_jax import parallel, train
 
-    config = mnist_lenet5.get_config(loss)
+    if model == "lenet5":
+        config, shape, n_train = mnist_lenet5.get_config(loss), (28, 28, 1), MNIST_TRAIN
+    else:
+        config, shape, n_train = cifar10_resnet56.get_config(loss), (32, 32, 3), CIFAR_TRAIN
+        config.model = model
     config.batch_size = batch
-    mesh = parallel.make_mesh(jax.devices()[:1])
+    config.dtype = dtype
+    mesh = parallel.make_mesh(jax.devices())
     m = train.create_model(config, 10)
     if model == "lenet5":
         m = m.clone(conv_impl=conv_impl)
-    tx = train.create_optimizer(config, steps_per_epoch=MNIST_TRAIN // batch)
-    state = train.create_train_state(config, m, tx, (28, 28, 1), mesh)
+    tx = train.create_optimizer(config, steps_per_epoch=n_train // batch)
+    state = train.create_train_state(config, m, tx, shape, mesh)
     metrics = parallel.replicate(train.init_train_metrics(), mesh)
-    x, y = synthetic_batch((batch, 28, 28, 1), 10)
+    x, y = synthetic_batch((batch, *shape), 10)
     sharded = parallel.shard_batch({"image": np.asarray(x), "label": np.asarray(y)}, mesh)
     step_fn = train.make_train_step(config, m, tx, mesh, 10)
     return StepCase(name, lambda s, b: step_fn(*s, b), (state, metrics), (sharded,),
@@ -289,7 +300,8 @@ def lenet_table(args) -> str:
         step_case("im2col/jit+donate", conv_impl="im2col", batch=b, formulation="jit+donate"),
         step_case("im2col/scan", conv_impl="im2col", batch=b, formulation="scan",
                   scan_length=args.scan_length),
-        project_step_case("project train_step (shard_map, 1 dev)", batch=b, conv_impl="im2col"),
+        project_step_case(f"project train_step (shard_map, {jax.device_count()} dev)", batch=b,
+                          conv_impl="im2col"),
     ]
     if not args.smoke:
         for label, impl in (("flax-conv/jit", "xla"), ("im2col/jit", "im2col")):
