@@ -11,9 +11,9 @@ flipped, exactly as in the authors' code.
 
 Numerics: everything is computed from logits in at least float32 (bfloat16/
 float16 inputs are upcast, the result is cast back). The complement distribution
-``q_j = p_j / (1 - p_g)`` is a softmax over the logits with the ground-truth
-column removed, so it is exact even when ``p_g`` rounds to 1, and no ``-inf``
-mask ever enters a product (which would give NaN gradients).
+``q_j = p_j / (1 - p_g)`` is computed relative to the largest *complement*
+logit, never via ``1 - p_g``, so it is exact even when ``p_g`` rounds to 1, and
+no ``-inf`` mask ever enters a product (which would give NaN gradients).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _complement_forward(z: Array, labels: Array, alpha: float, scale: float):
     complement class (``z_j <= m_c``) and bounds the label's term by 1; its
     exact contribution is then subtracted in row space. Since the complement
     argmax contributes ``exp(0) = 1``, ``sum(e) >= 1 + e_g`` with ``e_g <= 1``
-    and the subtraction loses at most one ulp of relative precision.
+    and the subtraction costs at most about an ulp of relative precision.
     """
     tiny = jnp.finfo(z.dtype).tiny
     is_label = labels[..., None] == jnp.arange(z.shape[-1])
