@@ -911,14 +911,25 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4,
                   flip: bool = True) -> np.ndarray:
     """CIFAR-style augmentation of an NHWC batch: random crop from a ``pad``-pixel
     zero-padded image, then a random horizontal flip (p=0.5). One vectorised gather."""
-    b, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return _apply_augment(images, _augment_draws(len(images), rng, pad=pad, flip=flip), pad=pad)
+
+
+def _augment_draws(b: int, rng: np.random.Generator, *, pad: int = 4,
+                   flip: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The random part of :func:`augment_batch` for ``b`` images: crop offsets, flips."""
     oy = rng.integers(0, 2 * pad + 1, size=b)
     ox = rng.integers(0, 2 * pad + 1, size=b)
+    return oy, ox, (rng.random(b) < 0.5) if flip else None
+
+
+def _apply_augment(images: np.ndarray, draws, *, pad: int = 4) -> np.ndarray:
+    oy, ox, flips = draws
+    b, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     rows = oy[:, None] + np.arange(h)
     cols = ox[:, None] + np.arange(w)
-    if flip:
-        cols = np.where((rng.random(b) < 0.5)[:, None], cols[:, ::-1], cols)
+    if flips is not None:
+        cols = np.where(flips[:, None], cols[:, ::-1], cols)
     return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
@@ -944,25 +955,36 @@ def batches(
     epoch: int = 0,
     augment: bool = False,
     drop_remainder: bool = False,
+    rows: slice | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield ``{'image': float32 NHWC in [0, 1], 'label': int32}`` batches.
 
     Deterministic in ``(seed, epoch)``: a new ``epoch`` gives a new order and new
     augmentations. Without ``drop_remainder`` every example appears exactly once per
     epoch (the last batch may be smaller); with it, a trailing partial batch is dropped.
+
+    ``rows`` keeps only those rows of every batch (a host's share of a global
+    batch, ``parallel.process_slice``): only they are gathered, augmented and
+    converted, and they are bit-identical to the same rows of the full batch
+    (the augmentation draws are made for the whole batch, in the same order).
     """
     n_batches = num_batches(ds, batch_size, drop_remainder)
     perm_rng, aug_rng = _epoch_rngs(seed, epoch)
     order = perm_rng.permutation(len(ds)) if shuffle else None
     for b in range(n_batches):
         lo, hi = b * batch_size, min((b + 1) * batch_size, len(ds))
-        if order is None:
-            x, y = ds.images[lo:hi], ds.labels[lo:hi].copy()
+        idx = order[lo:hi] if order is not None else np.arange(lo, hi)
+        draws = _augment_draws(len(idx), aug_rng) if augment else None
+        if rows is not None:
+            idx = idx[rows]
+            if draws is not None:
+                draws = tuple(None if d is None else d[rows] for d in draws)
+        if order is None and rows is None:
+            x, y = ds.images[lo:hi], ds.labels[lo:hi].copy()  # a view, no gather
         else:
-            idx = order[lo:hi]
             x, y = ds.images[idx], ds.labels[idx]
         if augment:
-            x = augment_batch(x, aug_rng)
+            x = _apply_augment(x, draws)
         yield {"image": _to_float(x), "label": y}
 
 

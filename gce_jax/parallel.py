@@ -54,18 +54,26 @@ def process_slice(global_batch_size: int) -> slice:
     return slice(start, start + per)
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Host batch (the *global* batch, identical on all processes) -> sharded arrays.
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, *,
+                process_local: bool = False) -> dict[str, jax.Array]:
+    """Host batch -> arrays sharded over ``'batch'``.
 
-    Each process contributes only its own rows, so this is the multi-host path
-    too (``jax.make_array_from_process_local_data``).
+    By default ``batch`` is the *global* batch, identical on all processes, and
+    each process contributes its own rows. With ``process_local=True`` it is
+    already this process's rows (``data.batches(..., rows=process_slice(B))``),
+    so no host prepares rows it does not own. Both are the multi-host path
+    (``jax.make_array_from_process_local_data``).
     """
     sharding = batch_sharded(mesh)
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        rows = process_slice(v.shape[0])
-        out[k] = jax.make_array_from_process_local_data(sharding, v[rows], v.shape)
+        if process_local:
+            shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+            out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+        else:
+            rows = process_slice(v.shape[0])
+            out[k] = jax.make_array_from_process_local_data(sharding, v[rows], v.shape)
     return out
 
 

@@ -200,13 +200,14 @@ def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
     return Datasets(full, val, test)
 
 
-def train_batches(ds, config: ml_collections.ConfigDict, epoch: int) -> Iterator[dict]:
-    """Epoch ``epoch``'s global batches; a pure function of (seed, epoch)."""
+def train_batches(ds, config: ml_collections.ConfigDict, epoch: int, *,
+                  rows: slice | None = None) -> Iterator[dict]:
+    """Epoch ``epoch``'s global batches (or their ``rows``); a pure function of (seed, epoch)."""
     from gce_jax import data as data_lib
 
     return data_lib.batches(ds, config.batch_size, shuffle=True, seed=config.seed,
                             epoch=epoch, augment=config.data.get("augment", False),
-                            drop_remainder=True)
+                            drop_remainder=True, rows=rows)
 
 
 def prefetch_depth(config: ml_collections.ConfigDict) -> int:
@@ -724,7 +725,10 @@ def _train_one_epoch(config: ml_collections.ConfigDict, state: TrainState, step_
 
     metrics = parallel.replicate(init_train_metrics(), mesh)
     log_every = max(1, int(config.get("log_every_steps", 100)))
-    batches = (parallel.shard_batch(b, mesh) for b in train_batches(train_ds, config, epoch))
+    # Each host prepares (gathers, augments) only its own rows of the global batch.
+    rows = parallel.process_slice(config.batch_size)
+    batches = (parallel.shard_batch(b, mesh, process_local=True)
+               for b in train_batches(train_ds, config, epoch, rows=rows))
     depth = prefetch_depth(config)
     if depth > 0:
         batches = parallel.prefetch(batches, size=depth)

@@ -740,3 +740,23 @@ def test_resize_dataset_keeps_labels_and_range():
     assert data.resize_dataset(ds, (8, 8)) is ds
     with pytest.raises(ValueError, match="positive"):
         data.resize_dataset(ds, (0, 28))
+
+
+def test_batch_rows_are_the_same_rows_of_the_full_batch():
+    # A host preparing only its share (multi-host input) gets bit-identical
+    # rows: same order, same crops and flips as the whole batch would have.
+    ds = toy(100)
+    kw = dict(shuffle=True, seed=4, epoch=1, augment=True, drop_remainder=True)
+    full = list(data.batches(ds, 32, **kw))
+    for rows in (slice(0, 16), slice(16, 32), slice(8, 16)):
+        part = list(data.batches(ds, 32, rows=rows, **kw))
+        assert len(part) == len(full) == 3
+        for p, f in zip(part, full):
+            np.testing.assert_array_equal(p["label"], f["label"][rows])
+            np.testing.assert_array_equal(p["image"], f["image"][rows])
+    # Without the rows argument nothing changed: augment_batch on the gathered
+    # images with the epoch's augmentation stream is still the whole batch.
+    perm_rng, aug_rng = data._epoch_rngs(4, 1)
+    idx = perm_rng.permutation(100)[:32]
+    np.testing.assert_array_equal(
+        full[0]["image"], data.augment_batch(ds.images[idx], aug_rng) / np.float32(255))

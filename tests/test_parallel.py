@@ -152,3 +152,26 @@ def test_prefetch_keeps_order_and_reraises():
     assert next(it) == 1
     with pytest.raises(RuntimeError, match="boom"):
         next(it)
+
+
+def test_process_local_batch_is_placed_like_the_global_one(monkeypatch):
+    # Two simulated hosts of 2 devices each cannot run in one process, but the
+    # placement contract can be checked: with one process, process-local rows
+    # are the whole batch and give the same sharded array as the global path.
+    mesh = parallel.make_mesh(jax.devices()[:4])
+    batch = random_batch((28, 28, 1))
+    a = parallel.shard_batch(batch, mesh)
+    b = parallel.shard_batch(batch, mesh, process_local=True)
+    for k in batch:
+        assert b[k].shape == a[k].shape and b[k].sharding == a[k].sharding
+        np.testing.assert_array_equal(np.asarray(b[k]), np.asarray(a[k]))
+    # As host 1 of 2, this process owns rows 8:16 of a 16-example batch and
+    # declares the global shape from its 8 local rows.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert parallel.process_slice(16) == slice(8, 16)
+    seen = {}
+    monkeypatch.setattr(jax, "make_array_from_process_local_data",
+                        lambda sharding, local, shape: seen.setdefault("args", (local.shape, shape)))
+    parallel.shard_batch({"label": np.arange(8)}, mesh, process_local=True)
+    assert seen["args"] == ((8,), (16,))
