@@ -23,34 +23,16 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._harness import FnCase, hardware_line, measure, say, table
+from benchmarks._harness import hardware_line, measure, say, table
+from benchmarks.pgd import pgd_case
 from benchmarks.training import CIFAR_TRAIN, _epoch_col, project_step_case
-from gce_jax import attacks as A
-from gce_jax.models import get_model
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def pgd_case(name: str, model: str = "resnet56", dtype: str = "float32", batch: int = 500,
-             steps: int = 40) -> FnCase:
-    """PGD on CIFAR shapes with random weights (unit = one attack on ``batch`` images)."""
-    net = get_model(model, num_classes=10, dataset="cifar10", dtype=DTYPES[dtype])
-    x = jax.random.uniform(jax.random.key(0), (batch, 32, 32, 3))
-    variables = net.init(jax.random.key(1), x[:1], train=False)
-    fn = A.inference_logits_fn(net, variables)
-    y = jnp.argmax(fn(x), axis=-1)
-    key = jax.random.key(2)
-
-    def run(n: int) -> None:
-        out = None
-        for _ in range(n):
-            out = A.pgd(fn, x, y, key=key, eps=8 / 255, steps=steps, step_size=2 / 255)
-        jax.block_until_ready(out)
-
-    return FnCase(name, run, items_per_unit=batch)
+def _pgd_case(name: str, model: str, dtype: str, batch: int, steps: int):
+    return pgd_case(name, batch=batch, steps=steps, eps=8 / 255, step_size=2 / 255,
+                    model=model, dtype=dtype)
 
 
 def _check_finite(case) -> None:
@@ -78,7 +60,7 @@ def train_table(args) -> str:
 
 
 def pgd_table(args) -> str:
-    cases = [pgd_case(f"PGD-{args.pgd_steps} {args.model} {dtype}", args.model, dtype,
+    cases = [_pgd_case(f"PGD-{args.pgd_steps} {args.model} {dtype}", args.model, dtype,
                       args.pgd_batch, args.pgd_steps) for dtype in ("float32", "bfloat16")]
     res = measure(cases, rounds=max(2, args.rounds // 2), units=1)
     return table(res.values(), cases[0].name, unit="attack",

@@ -30,12 +30,24 @@ from gce_jax.models import get_model
 
 
 def pgd_case(name: str = "pgd", conv_impl: str = "auto", batch: int = 500, steps: int = 40,
-             eps: float = 0.3, step_size: float = 0.01) -> FnCase:
-    """One PGD attack on a batch (unit = one attack call on ``batch`` images)."""
-    model = get_model("lenet5", num_classes=10).clone(conv_impl=conv_impl)
-    x = jax.random.uniform(jax.random.key(0), (batch, 28, 28, 1))
-    variables = model.init(jax.random.key(1), x[:1])
-    fn = A.inference_logits_fn(model, variables)
+             eps: float = 0.3, step_size: float = 0.01, model: str = "lenet5",
+             dtype: str = "float32") -> FnCase:
+    """One PGD attack on a batch (unit = one attack call on ``batch`` images).
+
+    Random weights, labels = the model's own predictions. ``model`` is
+    ``lenet5`` (MNIST shapes, ``conv_impl`` applies) or a CIFAR ResNet (CIFAR
+    shapes); ``dtype`` is the compute dtype.
+    """
+    compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    if model == "lenet5":
+        net = get_model("lenet5", num_classes=10, dtype=compute).clone(conv_impl=conv_impl)
+        shape = (batch, 28, 28, 1)
+    else:
+        net = get_model(model, num_classes=10, dataset="cifar10", dtype=compute)
+        shape = (batch, 32, 32, 3)
+    x = jax.random.uniform(jax.random.key(0), shape)
+    variables = net.init(jax.random.key(1), x[:1])
+    fn = A.inference_logits_fn(net, variables)
     y = jnp.argmax(fn(x), axis=-1)
     key = jax.random.key(2)
 
