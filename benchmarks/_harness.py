@@ -107,6 +107,11 @@ class StepCase(Case):
         self.name, self.items_per_unit = name, items_per_unit
         self._step, self._state, self._args, self._next_args = step, state, tuple(args), next_args
 
+    @property
+    def state(self) -> Any:
+        """The state after the last step run (e.g. to check what the timed steps did)."""
+        return self._state
+
     def _run(self, n: int) -> None:
         import jax
 

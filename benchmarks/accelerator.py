@@ -30,14 +30,9 @@ from benchmarks.pgd import pgd_case
 from benchmarks.training import CIFAR_TRAIN, _epoch_col, project_step_case
 
 
-def _pgd_case(name: str, model: str, dtype: str, batch: int, steps: int):
-    return pgd_case(name, batch=batch, steps=steps, eps=8 / 255, step_size=2 / 255,
-                    model=model, dtype=dtype)
-
-
 def _check_finite(case) -> None:
     """After the timed steps: every loss was finite (else the timing is meaningless)."""
-    _, metrics = case._state
+    _, metrics = case.state
     loss, bad = (float(jax.device_get(metrics[k])) for k in ("loss_sum", "first_bad_step"))
     if not np.isfinite(loss) or bad != -1:
         raise FloatingPointError(f"{case.name}: non-finite training loss (first at step {bad})")
@@ -60,8 +55,9 @@ def train_table(args) -> str:
 
 
 def pgd_table(args) -> str:
-    cases = [_pgd_case(f"PGD-{args.pgd_steps} {args.model} {dtype}", args.model, dtype,
-                      args.pgd_batch, args.pgd_steps) for dtype in ("float32", "bfloat16")]
+    cases = [pgd_case(f"PGD-{args.pgd_steps} {args.model} {dtype}", batch=args.pgd_batch,
+                      steps=args.pgd_steps, eps=8 / 255, step_size=2 / 255, model=args.model,
+                      dtype=dtype) for dtype in ("float32", "bfloat16")]
     res = measure(cases, rounds=max(2, args.rounds // 2), units=1)
     return table(res.values(), cases[0].name, unit="attack",
                  title=f"PGD-{args.pgd_steps} (eps 8/255, random start, XE), {args.model}, batch "

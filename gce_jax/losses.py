@@ -49,7 +49,7 @@ def _validate(logits: Array, labels: Array) -> tuple[Array, Array]:
                 f"{tuple(logits.shape[:-1])}")
     if not isinstance(labels, jax.core.Tracer):
         # Under jit the values are unknown; out-of-range labels then give NaN
-        # (see _label_mask), which the training loop reports as a NaN loss.
+        # (see _out_of_range_nan), which the training loop reports as a NaN loss.
         lab = np.asarray(labels)
         k = logits.shape[-1]
         if lab.size and (lab.min() < 0 or lab.max() >= k):
@@ -59,12 +59,9 @@ def _validate(logits: Array, labels: Array) -> tuple[Array, Array]:
     return logits, labels
 
 
-def _label_mask(logits: Array, labels: Array) -> tuple[Array, Array]:
-    """Returns (is_label one-hot bool mask, nan-if-label-out-of-range offset)."""
-    k = logits.shape[-1]
-    is_label = labels[..., None] == jnp.arange(k)
-    valid = (labels >= 0) & (labels < k)
-    return is_label, jnp.where(valid, 0.0, jnp.nan)
+def _out_of_range_nan(labels: Array, k: int) -> Array:
+    """0 for a label in ``[0, k)``, NaN otherwise (added to the loss under jit)."""
+    return jnp.where((labels >= 0) & (labels < k), 0.0, jnp.nan)
 
 
 def _compute_dtype(logits: Array) -> jnp.dtype:
@@ -116,7 +113,8 @@ def _complement_loss(z: Array, labels: Array, alpha: float, scale: float) -> Arr
 def _complement_loss_jvp(alpha, scale, primals, tangents):
     # Closed-form derivative, for speed only (values unchanged): reverse mode
     # then needs one elementwise pass over e and z, where autodiff through
-    # the max/where/exp/log chain took 1.4-2x as long (benchmarks/losses.py).
+    # the max/where/exp/log chain took about 1.4x as long (measured on the
+    # earlier formulation, benchmarks/RESULTS.md).
     # With q_j = e_j / s, log q_j = (z_j - m_c) - log s, H = sum q log q and
     # 1 - p_g = sigmoid(-u):
     #   dL/dz_j = scale p_g^a q_j (log q_j - H - a (1 - p_g) H)   (j != g)
@@ -136,9 +134,8 @@ def _complement_loss_jvp(alpha, scale, primals, tangents):
 
 def _complement_objective(logits: Array, labels: Array, alpha: float, scale: float) -> Array:
     z = logits.astype(_compute_dtype(logits))
-    k = z.shape[-1]
-    valid_nan = jnp.where((labels >= 0) & (labels < k), 0.0, jnp.nan)
-    loss = _complement_loss(z, labels, float(alpha), float(scale)) + valid_nan
+    loss = (_complement_loss(z, labels, float(alpha), float(scale))
+            + _out_of_range_nan(labels, z.shape[-1]))
     return loss.astype(logits.dtype)
 
 
@@ -159,7 +156,8 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     """
     logits, labels = _validate(logits, labels)
     z = logits.astype(_compute_dtype(logits))
-    is_label, valid_nan = _label_mask(z, labels)
+    is_label = labels[..., None] == jnp.arange(z.shape[-1])
+    valid_nan = _out_of_range_nan(labels, z.shape[-1])
     z_g = jnp.sum(jnp.where(is_label, z, 0.0), axis=-1)
     loss = jax.nn.logsumexp(z, axis=-1) - z_g + valid_nan
     return loss.astype(logits.dtype)
