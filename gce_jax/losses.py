@@ -70,50 +70,64 @@ def _compute_dtype(logits: Array) -> jnp.dtype:
     return jnp.promote_types(logits.dtype, jnp.float32)
 
 
-def _complement_forward(z: Array, labels: Array, alpha: float, scale: float):
+# At most this many classes, the complement losses run with the classes on the
+# leading axis. XLA:CPU vectorises along the contiguous axis, and a [B, 10]
+# array gives it rows of 10: class-major, the same work was 1.2-1.3x optax's
+# cross-entropy at K=10, B=1024 instead of 1.6x; from K=24 on it was slower
+# (benchmarks/RESULTS.md, "Loss, session 5").
+_CLASS_MAJOR_MAX_K = 16
+
+
+def _complement_forward(z: Array, labels: Array, alpha: float, scale: float, axis: int):
     """Loss ``scale * p_g^alpha * sum_{j!=g} q_j log q_j`` and what its derivative reuses.
 
-    One masked pass (the complement max), one ``exp`` and two plain sums. The
-    label column is *not* masked inside the ``exp``: a label compare in that
-    fusion made XLA:CPU's exp about 1.7x slower (benchmarks/RESULTS.md).
-    Instead the exponent is clamped at 0, which is a no-op for every
-    complement class (``z_j <= m_c``) and bounds the label's term by 1; its
-    exact contribution is then subtracted in row space. Since the complement
-    argmax contributes ``exp(0) = 1``, ``sum(e) >= 1 + e_g`` with ``e_g <= 1``
-    and the subtraction costs at most about an ulp of relative precision.
+    ``z`` is 2-D with the classes on ``axis`` (0 or 1), ``labels`` 1-D.
+
+    One masked pass, one max, one ``exp`` and two plain sums. The masked pass
+    writes ``zc``: the logits shifted by a complement logit ``r`` (row 0, or
+    row 1 where the label is 0), with the label's entry set far below any
+    logit. So the ``exp`` needs no label compare (one in that fusion made
+    XLA:CPU's exp about 1.7x slower, benchmarks/RESULTS.md) and gives exactly
+    0 for the label, and both sums read plain arrays. The entropy sum is
+    ``sum(e * zc) - m_c * s`` with ``m_c = max(zc)``: the shift by ``r`` keeps
+    ``|zc|`` at the spread of the complement logits, not their magnitude, so
+    the subtraction loses no more than a few ulps of that spread.
     """
-    tiny = jnp.finfo(z.dtype).tiny
-    is_label = labels[..., None] == jnp.arange(z.shape[-1])
-    z_g = jnp.take_along_axis(z, jnp.clip(labels, 0, z.shape[-1] - 1)[..., None],
-                              axis=-1)[..., 0]
+    k = z.shape[axis]
+    row = lambda v: jnp.expand_dims(v, axis)  # noqa: E731 - per-example -> broadcastable
+    classes = jnp.expand_dims(jnp.arange(k), 1 - axis)
+    is_label = row(labels) == classes
+    safe = jnp.clip(labels, 0, k - 1)
+    ref = jnp.where(safe == 0, jax.lax.index_in_dim(z, 1, axis, keepdims=False),
+                    jax.lax.index_in_dim(z, 0, axis, keepdims=False))
+    # Finite, not -inf: e * zc must be 0 * finite = 0 at the label.
+    far_below = -0.25 * jnp.finfo(z.dtype).max
+    zc = jnp.where(is_label, far_below, z - row(ref))
+    u_g = jnp.take_along_axis(z, row(safe), axis=axis).squeeze(axis) - ref
     # Max over the complement only: when p_g -> 1 the complement logits are far
     # below z_g, and shifting by the global max would underflow all of them.
-    m_c = jnp.max(jnp.where(is_label, -jnp.inf, z), axis=-1)
-    e = jnp.exp(jnp.minimum(z - m_c[..., None], 0.0))
-    d = jnp.minimum(z_g - m_c, 0.0)  # the label's clamped exponent
-    e_g = jnp.exp(d)
-    s = jnp.sum(e, axis=-1) - e_g  # sum_{j!=g} exp(z_j - m_c), >= 1
-    # sum_j e_j log e_j reads only e (log q_j + log s = z_j - m_c for j != g);
-    # the tiny floor makes underflowed terms 0 * finite instead of 0 * -inf.
-    t = jnp.sum(e * jnp.log(jnp.maximum(e, tiny)), axis=-1) - d * e_g
+    m_c = jnp.max(zc, axis=axis)
+    e = jnp.exp(zc - row(m_c))  # exactly 0 at the label; the complement max gives 1
+    s = jnp.sum(e, axis=axis)  # sum_{j!=g} exp(z_j - max_c z), >= 1
+    t = jnp.sum(e * zc, axis=axis) - m_c * s  # sum_{j!=g} e_j (z_j - max_c z)
     log_s = jnp.log(s)
     neg_ent = t / s - log_s  # sum_{j!=g} q_j log q_j, in [-log(K-1), 0]
-    u = z_g - m_c - log_s  # log p_g - log(1 - p_g)
+    u = u_g - m_c - log_s  # log p_g - log(1 - p_g)
     guide = jnp.exp(alpha * jax.nn.log_sigmoid(u)) if alpha else jnp.ones_like(u)
     loss = scale * guide * neg_ent
-    return loss, (is_label, e, m_c, s, log_s, neg_ent, u, guide)
+    return loss, (is_label, e, zc, m_c, s, log_s, neg_ent, u, guide)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _complement_loss(z: Array, labels: Array, alpha: float, scale: float) -> Array:
-    return _complement_forward(z, labels, alpha, scale)[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _complement_loss(z: Array, labels: Array, alpha: float, scale: float, axis: int) -> Array:
+    return _complement_forward(z, labels, alpha, scale, axis)[0]
 
 
 @_complement_loss.defjvp
-def _complement_loss_jvp(alpha, scale, primals, tangents):
+def _complement_loss_jvp(alpha, scale, axis, primals, tangents):
     # Closed-form derivative, for speed only (values unchanged): reverse mode
-    # then needs one elementwise pass over e and z, where autodiff through
-    # the max/where/exp/log chain took about 1.4x as long (measured on the
+    # then needs one elementwise pass over e and zc, where autodiff through
+    # the max/where/exp chain took about 1.4x as long (measured on an
     # earlier formulation, benchmarks/RESULTS.md).
     # With q_j = e_j / s, log q_j = (z_j - m_c) - log s, H = sum q log q and
     # 1 - p_g = sigmoid(-u):
@@ -122,21 +136,28 @@ def _complement_loss_jvp(alpha, scale, primals, tangents):
     # The rule is plain jnp code, so higher-order derivatives still work.
     z, labels = primals
     dz, _ = tangents
-    loss, (is_label, e, m_c, s, log_s, neg_ent, u, guide) = _complement_forward(
-            z, labels, alpha, scale)
+    row = lambda v: jnp.expand_dims(v, axis)  # noqa: E731
+    loss, (is_label, e, zc, m_c, s, log_s, neg_ent, u, guide) = _complement_forward(
+            z, labels, alpha, scale, axis)
     one_m_pg = jax.nn.sigmoid(-u)
-    a = (scale * guide / s)[..., None]
-    b = (log_s + neg_ent * (1.0 + alpha * one_m_pg))[..., None]
-    g_label = (scale * guide * alpha * one_m_pg * neg_ent)[..., None]
-    coef = jnp.where(is_label, g_label, a * e * (jnp.minimum(z - m_c[..., None], 0.0) - b))
-    return loss, jnp.sum(coef * dz, axis=-1)
+    a = row(scale * guide / s)
+    b = row(m_c + log_s + neg_ent * (1.0 + alpha * one_m_pg))
+    g_label = row(scale * guide * alpha * one_m_pg * neg_ent)
+    coef = jnp.where(is_label, g_label, a * e * (zc - b))
+    return loss, jnp.sum(coef * dz, axis=axis)
 
 
 def _complement_objective(logits: Array, labels: Array, alpha: float, scale: float) -> Array:
     z = logits.astype(_compute_dtype(logits))
-    loss = (_complement_loss(z, labels, float(alpha), float(scale))
-            + _out_of_range_nan(labels, z.shape[-1]))
-    return loss.astype(logits.dtype)
+    k = z.shape[-1]
+    z2, y2 = z.reshape(-1, k), labels.reshape(-1)
+    if k <= _CLASS_MAJOR_MAX_K:
+        z2, axis = z2.T, 0
+    else:
+        axis = 1
+    loss = (_complement_loss(z2, y2, float(alpha), float(scale), axis)
+            + _out_of_range_nan(y2, k))
+    return loss.reshape(labels.shape).astype(logits.dtype)
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:

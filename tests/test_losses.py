@@ -183,12 +183,24 @@ def np_gce_stable(z, y, alpha):
     return np.array(out)
 
 
-@pytest.mark.parametrize("case", ["shifted_1e3", "pg_to_1", "pg_to_0", "flat_complement"])
-def test_accurate_far_from_zero(case):
-    # The label column is clamped, not masked, inside exp (see losses.py):
-    # its removal must not cost accuracy where p_g -> 1, p_g -> 0, or for
-    # logits far from 0. Reference: float64 on the same float32 inputs.
-    z, y = random_case(5, k=10)
+def np_gce_stable_grad(z, y, alpha, h=1e-6):
+    """d sum(Eq. 3) / dz by central differences of the float64 reference."""
+    z = np.asarray(z, np.float64)
+    grad = np.zeros_like(z)
+    for idx in np.ndindex(*z.shape):
+        step = h * max(1.0, abs(z[idx]))
+        zp, zm = z.copy(), z.copy()
+        zp[idx] += step
+        zm[idx] -= step
+        grad[idx] = (np_gce_stable(zp, y, alpha).sum() - np_gce_stable(zm, y, alpha).sum()) / (2 * step)
+    return grad
+
+
+ACCURACY_CASES = ["shifted_1e3", "pg_to_1", "pg_to_0", "flat_complement", "wide_spread"]
+
+
+def _accuracy_case(case, k):
+    z, y = random_case(5, batch=6, k=k)
     rows = np.arange(len(y))
     if case == "shifted_1e3":
         z = z + np.float32(1e3)
@@ -196,13 +208,57 @@ def test_accurate_far_from_zero(case):
         z[rows, y] = 1e4
     elif case == "pg_to_0":
         z[rows, y] = -1e4
-    else:
+    elif case == "flat_complement":
         z[:] = 2.0
         z[rows, y] = 30.0
+    else:  # complement logits spread over 80, as for a confident network
+        z = np.random.default_rng(5).uniform(-40, 40, size=z.shape).astype(np.float32)
+    return z, y
+
+
+# K=10 runs class-major, K=100 example-major (losses._CLASS_MAJOR_MAX_K).
+@pytest.mark.parametrize("k", [10, 100])
+@pytest.mark.parametrize("case", ACCURACY_CASES)
+def test_accurate_far_from_zero(case, k):
+    # The label's entry is replaced, not masked, inside exp, and the entropy
+    # sum subtracts m_c * s (see losses.py): neither may cost accuracy where
+    # p_g -> 1, p_g -> 0, for logits far from 0 or widely spread.
+    # Reference: float64 on the same float32 inputs.
+    z, y = _accuracy_case(case, k)
     for alpha in (0.0, 1 / 3, 1.0):
         got = np.asarray(losses.guided_complement_entropy(jnp.asarray(z), jnp.asarray(y),
                                                            alpha=alpha), np.float64)
         np.testing.assert_allclose(got, np_gce_stable(z, y, alpha), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("k", [10, 100])
+@pytest.mark.parametrize("case", ACCURACY_CASES)
+def test_gradient_accurate_far_from_zero(case, k):
+    z, y = _accuracy_case(case, k)
+    z, y = z[:2], y[:2]
+    grad = jax.grad(lambda z: jnp.sum(losses.guided_complement_entropy(z, y, alpha=1 / 3)))
+    got = np.asarray(grad(jnp.asarray(z)), np.float64)
+    np.testing.assert_allclose(got, np_gce_stable_grad(z, y, 1 / 3), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [5, 10, 16, 17, 40])
+def test_class_major_and_example_major_agree(k, monkeypatch):
+    # Which layout runs is a speed choice only (losses._CLASS_MAJOR_MAX_K).
+    z, y = random_case(11, batch=8, k=k)
+    z = z.reshape(2, 4, k)
+    y = y.reshape(2, 4)
+
+    def value_and_grad():
+        f = lambda z: jnp.sum(losses.guided_complement_entropy(z, y, alpha=1 / 3))  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(jnp.asarray(z))
+
+    monkeypatch.setattr(losses, "_CLASS_MAJOR_MAX_K", 10**6)
+    v_cls, g_cls = value_and_grad()
+    monkeypatch.setattr(losses, "_CLASS_MAJOR_MAX_K", 0)
+    v_ex, g_ex = value_and_grad()
+    np.testing.assert_allclose(v_cls, v_ex, rtol=1e-6)
+    np.testing.assert_allclose(g_cls, g_ex, rtol=1e-5, atol=1e-7)
+    assert np.any(np.abs(np.asarray(g_cls)) > 1e-3)
 
 
 def test_bfloat16_close_to_float32():
