@@ -216,6 +216,29 @@ def test_resuming_with_another_model_is_refused(runs, tmp_path):
     assert tree_digest(wd) == before
 
 
+@pytest.mark.parametrize("model,loss", [("lenet5", "xe"), ("lenet5", "gce"),
+                                        ("resnet20", "gce")])
+def test_bfloat16_compute_keeps_training_losses_finite(tmp_path, model, loss):
+    # dtype='bfloat16' is the GPU/TPU mixed-precision setting: activations in
+    # bf16, params and the loss in float32. It must not make a loss non-finite
+    # (the loop would stop with a NaN error, which this would surface).
+    overrides = {"dtype": "bfloat16", "epochs": 1, "loss": loss}
+    data = DATA
+    if model == "resnet20":
+        overrides.update(model="resnet20", dataset="cifar10")
+        data = train.Datasets(*(synthetic(n, seed, shape=(32, 32, 3))
+                                for n, seed in ((64, 0), (32, 1), (40, 2))))
+    train.train_and_evaluate(tiny_config(**overrides), str(tmp_path), datasets=data,
+                             mesh=one_device())
+    (line,) = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    with open(os.path.join(tmp_path, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    for key in ("train_loss", "train_acc", "val_acc", "test_acc"):
+        assert np.isfinite(line[key]), key
+    if loss == "gce":
+        assert -1.0 <= line["train_loss"] <= 0.0  # normalised GCE's range
+
+
 def test_optimizer_and_schedule():
     c = tiny_config(**{"optimizer.name": "sgd", "optimizer.learning_rate": 0.1,
                        "optimizer.weight_decay": 1e-4, "lr_schedule.name": "piecewise",
