@@ -403,14 +403,17 @@ def adversarial_eps_scale(step: jax.Array, warmup_steps: int) -> jax.Array:
 
 
 def adversarial_inputs(model: nn.Module, variables: dict, x: jax.Array, y: jax.Array, *,
-                       key: jax.Array, adv: Any, eps_scale: Any = 1.0) -> jax.Array:
+                       key: jax.Array, adv: Any, eps_scale: Any = 1.0,
+                       example_offset: Any = 0) -> jax.Array:
     """Madry et al.'s inner maximisation: PGD on cross-entropy, BatchNorm in inference.
 
     The first ``round(mix * B)`` rows stay natural (the batch is shuffled, so
     they are a random subset). The attack sees the model with ``train=False``,
     so running statistics cannot change during it, and its output is a
     constant for the outer gradient (Danskin). ``eps_scale`` shrinks the
-    radius and the step together (eps warm-up).
+    radius and the step together (eps warm-up). ``example_offset`` is the
+    index of ``x[0]`` in the global batch: the random starts are keyed by it
+    (see :func:`gce_jax.attacks.pgd`).
     """
     from gce_jax.attacks import inference_logits_fn, pgd
 
@@ -419,7 +422,8 @@ def adversarial_inputs(model: nn.Module, variables: dict, x: jax.Array, y: jax.A
         return x
     x_adv = pgd(inference_logits_fn(model, variables), x[n_nat:], y[n_nat:], key=key,
                 eps=adv.eps * eps_scale, steps=adv.steps, step_size=adv.step_size * eps_scale,
-                random_start=adv.get("random_start", True), loss="xe")
+                random_start=adv.get("random_start", True), loss="xe",
+                example_offset=example_offset + n_nat)
     x_adv = jax.lax.stop_gradient(x_adv).astype(x.dtype)
     return jnp.concatenate([x[:n_nat], x_adv]) if n_nat else x_adv
 
@@ -450,10 +454,13 @@ def train_step(state: TrainState, metrics: dict, batch: dict, *, model: nn.Modul
     x, y = batch["image"], batch["label"]
     step_key = jax.random.fold_in(state.key, state.step)
     if adversarial is not None:
-        # Distinct random starts per device.
-        key = jax.random.fold_in(step_key, jax.lax.axis_index(AXIS))
-        x = adversarial_inputs(model, state.variables, x, y, key=key, adv=adversarial,
-                               eps_scale=adversarial_eps_scale(state.step, adv_warmup_steps))
+        # Random starts keyed by the example's index in the global batch, so
+        # they do not depend on the device count. (With mix > 0 each shard
+        # keeps its own leading rows natural, which still does.)
+        offset = jax.lax.axis_index(AXIS) * x.shape[0]
+        x = adversarial_inputs(model, state.variables, x, y, key=step_key, adv=adversarial,
+                               eps_scale=adversarial_eps_scale(state.step, adv_warmup_steps),
+                               example_offset=offset)
 
     loss, grads, logits, stats = _loss_and_grads(model, loss_fn, state.params,
                                                  state.batch_stats, x, y)

@@ -125,6 +125,36 @@ def test_adversarial_step_attacks_in_inference_mode_and_matches_on_four_devices(
     assert max_abs_diff(s_clean.batch_stats, s_adv.batch_stats) > 1e-4
 
 
+def test_adversarial_step_with_random_start_matches_on_four_devices():
+    # Random starts are keyed by the global example index, not the device.
+    config = _adv_config(random_start=True)
+    model, _ = make_models("resnet8")
+    tx = train.create_optimizer(config, steps_per_epoch=10)
+    mesh1 = parallel.make_mesh(jax.devices()[:1])
+    s0 = jax.device_get(train.create_train_state(config, model, tx, SHAPE, mesh1))
+    batch = random_batch(SHAPE, seed=5)
+    s1, m1 = run_step(config, model, tx, s0, batch, 1)
+    s4, m4 = run_step(config, model, tx, s0, batch, 4)
+    assert_trees_close(s4.params, s1.params)
+    assert_trees_close(s4.batch_stats, s1.batch_stats)
+    np.testing.assert_allclose(m4["loss_sum"], m1["loss_sum"], rtol=1e-5)
+    # The start is random: another step key gives another update.
+    s_other, _ = run_step(config, model, tx, s0.replace(key=jax.random.PRNGKey(123)), batch, 1)
+    assert max_abs_diff(s_other.params, s1.params) > 1e-7
+
+
+def test_pgd_shards_draw_the_whole_batch_random_starts():
+    fn = lambda x: jnp.reshape(x, (x.shape[0], -1))[:, :3] * 10.0  # noqa: E731
+    x = jax.random.uniform(jax.random.PRNGKey(0), (8, 4, 4, 1))
+    y = jnp.arange(8) % 3
+    kw = dict(key=jax.random.PRNGKey(7), eps=0.1, steps=0, random_start=True)
+    whole = pgd(fn, x, y, **kw)
+    halves = jnp.concatenate([pgd(fn, x[:4], y[:4], **kw),
+                              pgd(fn, x[4:], y[4:], example_offset=4, **kw)])
+    np.testing.assert_array_equal(np.asarray(halves), np.asarray(whole))
+    assert not np.array_equal(np.asarray(pgd(fn, x[4:], y[4:], **kw)), np.asarray(whole[4:]))
+
+
 def test_adversarial_mix_keeps_leading_natural_rows():
     config = _adv_config(mix=0.25)
     model, _ = make_models("lenet5")

@@ -75,9 +75,13 @@ def check_inputs(x: Any, y: Any) -> tuple[Array, Array]:
     return x, y.astype(jnp.int32)
 
 
-def example_keys(key: Array, batch: int) -> Array:
-    """One key per example, independent of batch size and chunking."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+def example_keys(key: Array, batch: int, offset: Any = 0) -> Array:
+    """One key per example, independent of batch size and chunking.
+
+    Example ``i`` gets ``fold_in(key, offset + i)``; ``offset`` is the index of
+    the first example in a larger batch (a device's shard of a global batch).
+    """
+    return jax.vmap(lambda i: jax.random.fold_in(key, offset + i))(jnp.arange(batch))
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))

@@ -96,9 +96,9 @@ def _iterative_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
 @functools.partial(jax.jit, static_argnames=(
     "steps", "norm", "random_start", "use_momentum", "loss", "targeted",
     "early_stop", "batch_chunk"))
-def _iterative_jit(fn, x, y, key, eps, step_size, mu, *, steps, norm, random_start,
-                   use_momentum, loss, targeted, early_stop, batch_chunk):
-    keys = example_keys(key, x.shape[0])
+def _iterative_jit(fn, x, y, key, eps, step_size, mu, example_offset, *, steps, norm,
+                   random_start, use_momentum, loss, targeted, early_stop, batch_chunk):
+    keys = example_keys(key, x.shape[0], example_offset)
     eps = jnp.asarray(eps, x.dtype)
     step_size = jnp.asarray(step_size, x.dtype)
     mu = jnp.asarray(mu, x.dtype)
@@ -114,7 +114,7 @@ def _iterative(logits_fn: LogitsFn, x: Any, y: Any, key: Array | None, *, eps: f
                step_size: float, steps: int, norm: str = "linf",
                random_start: bool = False, momentum: float | None = None,
                loss: str = "xe", targeted: bool = False, early_stop: bool = False,
-               batch_chunk: int | None = None) -> Array:
+               batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
     """The single iterative core behind fgsm/bim/pgd/mim/pgd_l2 (see module doc)."""
     x, y = check_inputs(x, y)
     if isinstance(eps, (int, float)) and eps < 0:
@@ -128,7 +128,8 @@ def _iterative(logits_fn: LogitsFn, x: Any, y: Any, key: Array | None, *, eps: f
     signed_objective(loss, targeted)  # fail fast on unknown loss names
     return _iterative_jit(
         as_partial(logits_fn), x, y, key, eps, step_size,
-        0.0 if momentum is None else momentum, steps=int(steps), norm=norm,
+        0.0 if momentum is None else momentum, jnp.asarray(example_offset, jnp.int32),
+        steps=int(steps), norm=norm,
         random_start=bool(random_start), use_momentum=momentum is not None,
         loss=loss, targeted=bool(targeted), early_stop=bool(early_stop),
         batch_chunk=batch_chunk)
@@ -181,18 +182,23 @@ def bim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
 def pgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
         steps: int = 40, step_size: float = 0.01, random_start: bool = True,
         loss: str = "xe", targeted: bool = False, early_stop: bool = False,
-        batch_chunk: int | None = None) -> Array:
+        batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
     r"""L_inf Projected Gradient Descent (Madry et al. 2018): BIM from a random start.
 
     .. math:: x^*_0 \sim \mathcal U(\{x' : \|x'-x\|_\infty \le \epsilon\}) \cap [0,1]^n,
               \quad x^*_{t+1} = \Pi_{x,\epsilon}(x^*_t + a\,\mathrm{sign}(\nabla L))
 
     Paper / reference-code defaults: 40 steps, ``step_size = 0.01``, uniform
-    random start, untargeted. ``key`` draws the start (per example).
+    random start, untargeted. ``key`` draws the start per example: example
+    ``i`` uses ``fold_in(key, example_offset + i)``. Pass the index of ``x[0]``
+    in a larger batch as ``example_offset`` (it may be traced, e.g. from
+    ``axis_index`` under ``shard_map``), and a shard draws the same starts as
+    the whole batch.
     """
     return _iterative(logits_fn, x, y, key, eps=eps, step_size=step_size, steps=steps,
                       random_start=random_start, loss=loss, targeted=targeted,
-                      early_stop=early_stop, batch_chunk=batch_chunk)
+                      early_stop=early_stop, batch_chunk=batch_chunk,
+                      example_offset=example_offset)
 
 
 def mim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
@@ -218,7 +224,8 @@ def mim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
 def pgd_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
            steps: int = 40, step_size: float | None = None,
            random_start: bool = True, loss: str = "xe", targeted: bool = False,
-           early_stop: bool = False, batch_chunk: int | None = None) -> Array:
+           early_stop: bool = False, batch_chunk: int | None = None,
+           example_offset: Any = 0) -> Array:
     r"""L2 PGD: normalised-gradient steps, projection onto the L2 ball around x.
 
     .. math:: x^*_{t+1} = \Pi_{\|x'-x\|_2\le\epsilon,\,[0,1]}\big(x^*_t + a\,
@@ -226,9 +233,10 @@ def pgd_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
 
     The start is uniform in the L2 ball (direction isotropic, radius
     ``eps * U^(1/d)``), clipped to [0,1]. Default ``step_size = 2.5 eps / steps``.
+    ``example_offset`` as in :func:`pgd`.
     """
     return _iterative(logits_fn, x, y, key, eps=eps,
                       step_size=2.5 * eps / max(steps, 1) if step_size is None else step_size,
                       steps=steps, norm="l2", random_start=random_start, loss=loss,
                       targeted=targeted, early_stop=early_stop,
-                      batch_chunk=batch_chunk)
+                      batch_chunk=batch_chunk, example_offset=example_offset)
