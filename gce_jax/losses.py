@@ -84,8 +84,8 @@ def _complement_forward(z: Array, labels: Array, alpha: float, scale: float, axi
     ``z`` is 2-D with the classes on ``axis`` (0 or 1), ``labels`` 1-D.
 
     One masked pass, one max, one ``exp`` and two plain sums. The masked pass
-    writes ``zc``: the logits shifted by a complement logit ``r`` (row 0, or
-    row 1 where the label is 0), with the label's entry set far below any
+    writes ``zc``: the logits shifted by a complement logit ``r`` (class 0,
+    or class 1 where the label is 0), with the label's entry set far below any
     logit. So the ``exp`` needs no label compare (one in that fusion made
     XLA:CPU's exp about 1.7x slower, benchmarks/RESULTS.md) and gives exactly
     0 for the label, and both sums read plain arrays. The entropy sum is
