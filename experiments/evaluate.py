@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", choices=("last", "best_val"), default=None,
                    help="checkpoint to load (default: the run's config.selection)")
     p.add_argument("--batch_size", type=int, default=500, help="examples per attack call")
+    p.add_argument("--devices", type=int, default=None,
+                   help="local devices each attack batch is split across (default: all; "
+                        "batch_size is rounded up to a multiple)")
     p.add_argument("--pgd_steps", type=int, default=None, help="default: config.eval.pgd_steps")
     p.add_argument("--pgd_step_size", type=float, default=None,
                    help="default: config.eval.pgd_step_size")
@@ -102,6 +105,11 @@ def _validate(args: argparse.Namespace) -> None:
         raise CLIError(f"--n must be > 0, got {args.n}")
     if args.batch_size <= 0:
         raise CLIError(f"--batch_size must be > 0, got {args.batch_size}")
+    if args.devices is not None:
+        import jax
+        if not 1 <= args.devices <= jax.local_device_count():
+            raise CLIError(f"--devices must be in [1, {jax.local_device_count()}] "
+                           f"(the local devices), got {args.devices}")
     for flag in ("restarts", "apgd_steps", "square_queries", "cw_binary_steps", "cw_steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -233,7 +241,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
     x, y, data_info = _load_test_set(config, args.n, args.seed)
     logits_fn = inference_logits_fn(model, variables)
-    ev = E.Evaluator(logits_fn, x, y, seed=args.seed, batch_size=args.batch_size,
+    import jax
+    from gce_jax.parallel import make_mesh
+    mesh = make_mesh(jax.local_devices()[:args.devices])
+    ev = E.Evaluator(logits_fn, x, y, seed=args.seed, batch_size=args.batch_size, mesh=mesh,
                      registry=ATTACKS, progress=not args.no_progress)
     results = []
     try:

@@ -298,12 +298,17 @@ class Evaluator:
       batch_size: examples per attack call (the last batch is padded).
       registry: ``name -> attack``; defaults to ``gce_jax.attacks.ATTACKS``.
       progress: show a tqdm bar per attack.
+      mesh: a 1-D ``'batch'`` mesh (``gce_jax.parallel.make_mesh``). Each
+        attack batch is then split across its devices and the model
+        replicated: the attacks are per-example, so jit partitions them with
+        no communication beyond batch-level loop conditions. ``batch_size`` is
+        rounded up to a multiple of the device count. ``None``: one device.
     """
 
     def __init__(self, logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
                  seed: int = 0, batch_size: int = 256,
                  registry: Mapping[str, AttackFn] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, mesh: jax.sharding.Mesh | None = None):
         x = to_float_images(x)
         y = np.asarray(y).astype(np.int32)
         if len(x) == 0 or len(x) != len(y):
@@ -316,11 +321,18 @@ class Evaluator:
         self.x, self.y = x, y
         self.seed = int(seed)
         self.batch_size = int(min(batch_size, len(x)))
+        self._batch_sharding = self._replicated = None
+        if mesh is not None and mesh.size > 1:
+            from gce_jax.parallel import BATCH_AXIS
+            self.batch_size = -(-self.batch_size // mesh.size) * mesh.size
+            self._batch_sharding = jax.sharding.NamedSharding(
+                    mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
+            self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.registry = _attacks.ATTACKS if registry is None else registry
         self.progress = progress
         # The model goes in as a Partial argument, not a closure, so its weights
         # are traced inputs rather than constants baked into the executable.
-        self._fn = logits_fn if isinstance(logits_fn, Partial) else Partial(logits_fn)
+        self._fn = self._replicate(logits_fn)
         self._predict = jax.jit(_argmax_logits)
         self._cache: dict[str, AttackResult] = {}
         self.clean_correct = self.predict(x) == y
@@ -333,11 +345,20 @@ class Evaluator:
     def clean_accuracy(self) -> float:
         return float(self.clean_correct.mean())
 
+    def _replicate(self, logits_fn: LogitsFn) -> Partial:
+        fn = logits_fn if isinstance(logits_fn, Partial) else Partial(logits_fn)
+        return fn if self._replicated is None else jax.device_put(fn, self._replicated)
+
+    def _batch(self, a: np.ndarray) -> Any:
+        """One padded batch, split across the mesh's devices if there is one."""
+        a = _pad(a, self.batch_size)
+        return a if self._batch_sharding is None else jax.device_put(a, self._batch_sharding)
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Argmax predictions of the model under test, in fixed-size batches."""
         out = np.empty(len(x), np.int32)
         for s, e in _batches(len(x), self.batch_size):
-            out[s:e] = np.asarray(self._predict(self._fn, _pad(x[s:e], self.batch_size)))[: e - s]
+            out[s:e] = np.asarray(self._predict(self._fn, self._batch(x[s:e])))[: e - s]
         return out
 
     def spec_key(self, spec: AttackSpec) -> Array:
@@ -364,7 +385,7 @@ class Evaluator:
             return self._cache[cache_key]
 
         attack_fn = self.registry[spec.attack]
-        craft_fn = self.logits_fn if source_logits_fn is None else source_logits_fn
+        craft_fn = self._fn if source_logits_fn is None else self._replicate(source_logits_fn)
         kwargs = spec.call_kwargs()
         settings = resolved_settings(spec, attack_fn)
 
@@ -386,8 +407,7 @@ class Evaluator:
                     if r > 0 and not robust[s:e].any():
                         bar.update(e - s)
                         continue
-                    xb = _pad(self.x[s:e], self.batch_size)
-                    yb = _pad(self.y[s:e], self.batch_size)
+                    xb, yb = self._batch(self.x[s:e]), self._batch(self.y[s:e])
                     x_adv = np.asarray(attack_fn(craft_fn, xb, yb, key=jax.random.fold_in(rkey, b),
                                                  **kwargs))
                     x_adv = x_adv[: e - s]

@@ -205,6 +205,7 @@ def fake_workdir(tmp_path):
     (["--eps", "0.1", "-0.2"], "--eps must be >= 0"),
     (["--n", "0"], "--n must be > 0"),
     (["--cw_steps", "0"], "--cw_steps must be >= 1"),
+    (["--devices", "99"], "--devices must be in [1, 4]"),
     ([], "could not load the checkpoint"),
 ])
 def test_cli_bad_input_gives_one_error_and_writes_nothing(fake_workdir, tmp_path, capsys,
@@ -296,3 +297,36 @@ def test_cli_reduced_cw_budget_is_used_and_recorded(tiny_run, tmp_path):
     (rec,) = json.load(open(out / "robustness.json"))["results"]
     assert rec["attack"] == "carlini_wagner_l2"
     assert rec["settings"]["binary_steps"] == 2 and rec["settings"]["steps"] == 5
+
+
+def test_evaluation_split_across_four_devices_matches_one_device():
+    # conftest.py gives the process 4 CPU devices. The attacks are per-example,
+    # so splitting each batch across devices must not change which examples
+    # survive. (Same batch size for both: the random draws depend on it.)
+    from gce_jax import parallel
+    from gce_jax.attacks import inference_logits_fn
+    from gce_jax.models import get_model
+
+    model = get_model("lenet5", num_classes=10, dataset="mnist")
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    fn = inference_logits_fn(model, variables)
+    x = np.random.default_rng(0).random((30, 28, 28, 1)).astype(np.float32)
+    y = np.asarray(jnp.argmax(fn(jnp.asarray(x)), -1)).astype(np.int32)
+    y[::3] = (y[::3] + 1) % 10  # some clean errors
+    specs = [E.AttackSpec("fgsm", 0.02), E.AttackSpec("pgd", 0.02, params={"steps": 4}),
+             E.AttackSpec("apgd", 0.02, params={"steps": 4}),
+             E.AttackSpec("square", 0.02, loss="margin", params={"n_queries": 8}),
+             E.AttackSpec("carlini_wagner_l2", None, loss=None,
+                          params={"binary_steps": 2, "steps": 5, "targeted": False})]
+    mesh = parallel.make_mesh(jax.devices()[:4])
+    one = E.Evaluator(fn, x, y, batch_size=20, progress=False)
+    four = E.Evaluator(fn, x, y, batch_size=20, progress=False, mesh=mesh)
+    # A batch size the devices do not divide is rounded up.
+    assert E.Evaluator(fn, x, y, batch_size=18, progress=False, mesh=mesh).batch_size == 20
+    np.testing.assert_array_equal(four.clean_correct, one.clean_correct)
+    for s in specs:
+        a, b = one.run(s), four.run(s)
+        np.testing.assert_array_equal(b.robust, a.robust, err_msg=s.label)
+        assert b.record["max_linf"] == pytest.approx(a.record["max_linf"], abs=1e-6)
+        assert b.record["mean_l2"] == pytest.approx(a.record["mean_l2"], rel=1e-4, abs=1e-6)
+    assert any(0 < one.run(s).robust.sum() < one.clean_correct.sum() for s in specs)
