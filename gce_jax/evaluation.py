@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import inspect
 import json
 import math
 import os
@@ -396,6 +397,10 @@ class Evaluator:
         sum_l2 = 0.0
         start_t = time.perf_counter()
         spec_key = self.spec_key(spec)
+        # Attacks that key their draws by the example's index get it, so the
+        # numbers do not depend on batch_size or the device count; for any
+        # other attack each batch gets its own key.
+        keyed_by_example = "example_offset" in inspect.signature(attack_fn).parameters
         batches = list(_batches(self.n, self.batch_size))
         bar = tqdm(total=self.n * spec.restarts, desc=spec.label + (f" [{source}]" if source else ""),
                    unit="ex", disable=not self.progress, leave=False, dynamic_ncols=True)
@@ -408,8 +413,11 @@ class Evaluator:
                         bar.update(e - s)
                         continue
                     xb, yb = self._batch(self.x[s:e]), self._batch(self.y[s:e])
-                    x_adv = np.asarray(attack_fn(craft_fn, xb, yb, key=jax.random.fold_in(rkey, b),
-                                                 **kwargs))
+                    if keyed_by_example:
+                        call = dict(key=rkey, example_offset=s)
+                    else:
+                        call = dict(key=jax.random.fold_in(rkey, b))
+                    x_adv = np.asarray(attack_fn(craft_fn, xb, yb, **call, **kwargs))
                     x_adv = x_adv[: e - s]
                     delta = (x_adv - self.x[s:e]).reshape(e - s, -1)
                     linf = np.abs(delta).max(axis=1) if delta.size else np.zeros(e - s)

@@ -85,19 +85,19 @@ def example_keys(key: Array, batch: int, offset: Any = 0) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
-def draw_targets(key: Array, y: Array, num_classes: int) -> Array:
+def draw_targets(key: Array, y: Array, num_classes: int, example_offset: Any = 0) -> Array:
     """Targets uniform among the ``K - 1`` wrong classes, one draw per example.
 
     ``t_i = (y_i + U{1, ..., K-1}) mod K`` with example ``i`` using
-    ``fold_in(key, i)``: the evaluator can recompute the targets an attack used
-    from the same key.
+    ``fold_in(key, example_offset + i)``: the evaluator can recompute the
+    targets an attack used from the same key.
     """
     if num_classes < 2:
         raise ValueError(f"targets need at least 2 classes, got {num_classes}")
     y = jnp.asarray(y, jnp.int32)
-    keys = example_keys(key, y.shape[0])
-    offset = jax.vmap(lambda k: jax.random.randint(k, (), 1, num_classes))(keys)
-    return (y + offset) % num_classes
+    keys = example_keys(key, y.shape[0], example_offset)
+    shift = jax.vmap(lambda k: jax.random.randint(k, (), 1, num_classes))(keys)
+    return (y + shift) % num_classes
 
 
 def num_classes(fn: LogitsFn, x: Array) -> int:

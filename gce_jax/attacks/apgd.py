@@ -151,9 +151,9 @@ def _apgd_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array, *,
 
 @functools.partial(jax.jit, static_argnames=(
     "steps", "n_restarts", "loss", "rho", "momentum", "batch_chunk"))
-def _apgd_jit(fn, x, y, key, eps, *, steps, n_restarts, loss, rho, momentum,
+def _apgd_jit(fn, x, y, key, eps, example_offset, *, steps, n_restarts, loss, rho, momentum,
               batch_chunk):
-    keys = example_keys(key, x.shape[0])
+    keys = example_keys(key, x.shape[0], example_offset)
     eps = jnp.asarray(eps, x.dtype)
     core = functools.partial(_apgd_core, fn, eps=eps, steps=steps,
                              n_restarts=n_restarts, loss=loss, rho=rho,
@@ -164,7 +164,7 @@ def _apgd_jit(fn, x, y, key, eps, *, steps, n_restarts, loss, rho, momentum,
 def apgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
          steps: int = 100, n_restarts: int = 1, loss: str = "xe",
          rho: float = 0.75, momentum: float = 0.75,
-         batch_chunk: int | None = None) -> Array:
+         batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
     """Auto-PGD L_inf (APGD-CE with ``loss='xe'``, APGD-DLR with ``loss='dlr'``).
 
     Algorithm and returned point: see the module docstring. Defaults follow
@@ -175,14 +175,16 @@ def apgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
         logits_fn: inference-mode ``x -> logits``.
         x: ``[B, ...]`` in [0, 1]; y: ``[B]`` true labels.
         key: PRNG key (random starts; restart ``r`` of example ``i`` uses
-            ``fold_in(fold_in(key, i), r)``).
+            ``fold_in(fold_in(key, example_offset + i), r)``).
         eps: L_inf budget.
         batch_chunk: process at most this many examples at once.
+        example_offset: index of ``x[0]`` in a larger batch (see ``pgd``).
     """
     x, y = check_inputs(x, y)
     get_objective(loss)
     if steps < 1 or n_restarts < 1:
         raise ValueError(f"steps and n_restarts must be >= 1, got {steps}, {n_restarts}")
-    return _apgd_jit(as_partial(logits_fn), x, y, key, eps, steps=int(steps),
+    return _apgd_jit(as_partial(logits_fn), x, y, key, eps,
+                     jnp.asarray(example_offset, jnp.int32), steps=int(steps),
                      n_restarts=int(n_restarts), loss=loss, rho=float(rho),
                      momentum=float(momentum), batch_chunk=batch_chunk)

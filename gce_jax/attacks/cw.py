@@ -148,7 +148,7 @@ def carlini_wagner_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None 
                       binary_steps: int = 9, steps: int = 1000,
                       initial_const: float = 1e-3, learning_rate: float = 1e-2,
                       abort_early: bool = True,
-                      batch_chunk: int | None = None) -> Array:
+                      batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
     """C&W-L2 (algorithm in the module docstring); loss is always the C&W margin.
 
     Paper defaults: targeted "average case" (a target drawn uniformly among
@@ -169,6 +169,8 @@ def carlini_wagner_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None 
         confidence: kappa, the required logit margin (paper: 0).
         abort_early: per-example early stop when the loss stops decreasing.
         batch_chunk: process at most this many examples at once.
+        example_offset: index of ``x[0]`` in a larger batch, for the target
+            draws (see ``pgd``).
 
     Returns:
         ``[B, ...]`` smallest-L2 successful inputs, ``x`` where none was found.
@@ -179,7 +181,7 @@ def carlini_wagner_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None 
         if targets is None:
             if key is None:
                 raise ValueError("a targeted C&W attack needs targets or a key")
-            targets = draw_targets(key, y, num_classes(fn, x))
+            targets = draw_targets(key, y, num_classes(fn, x), example_offset)
         _, labels = check_inputs(x, targets)
     else:
         if targets is not None:

@@ -151,7 +151,7 @@ def _jsma_jit(fn, x, t, *, theta, max_iters, rows, batch_chunk):
 
 def jsma(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
          targets: Any = None, theta: float = 1.0, gamma: float = 0.25,
-         batch_chunk: int | None = None) -> Array:
+         batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
     """Targeted JSMA (algorithm in the module docstring).
 
     Defaults: ``theta = +1`` (the paper's "perturbation eps = 1"),
@@ -166,6 +166,8 @@ def jsma(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
         theta: change applied to each selected feature (sign = direction).
         gamma: maximum fraction of features changed.
         batch_chunk: examples per chunk; default from the pair-matrix budget.
+        example_offset: index of ``x[0]`` in a larger batch, for the target
+            draws (see ``pgd``).
 
     Returns:
         ``[B, ...]`` adversarial inputs (gradient-stopped).
@@ -179,7 +181,7 @@ def jsma(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     if targets is None:
         if key is None:
             raise ValueError("jsma needs targets or a key to draw them")
-        targets = draw_targets(key, y, num_classes(fn, x))
+        targets = draw_targets(key, y, num_classes(fn, x), example_offset)
     _, targets = check_inputs(x, targets)
     n = math.prod(x.shape[1:])
     max_iters = int(math.floor(gamma * n / 2))

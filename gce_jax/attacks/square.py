@@ -102,8 +102,8 @@ def _square_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
 
 
 @functools.partial(jax.jit, static_argnames=("n_queries", "loss", "batch_chunk"))
-def _square_jit(fn, x, y, key, eps, p_init, *, n_queries, loss, batch_chunk):
-    keys = example_keys(key, x.shape[0])
+def _square_jit(fn, x, y, key, eps, p_init, example_offset, *, n_queries, loss, batch_chunk):
+    keys = example_keys(key, x.shape[0], example_offset)
     eps = jnp.asarray(eps, x.dtype)
     p_init = jnp.asarray(p_init, jnp.float32)
     core = functools.partial(_square_core, fn, eps=eps, p_init=p_init,
@@ -113,7 +113,7 @@ def _square_jit(fn, x, y, key, eps, p_init, *, n_queries, loss, batch_chunk):
 
 def square(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
            n_queries: int = 5000, p_init: float = 0.8, loss: str = "margin",
-           batch_chunk: int | None = None) -> Array:
+           batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
     """Square Attack L_inf, untargeted (algorithm in the module docstring).
 
     Defaults follow AutoAttack's L_inf Square: 5000 queries, ``p_init = 0.8``,
@@ -127,6 +127,7 @@ def square(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
         eps: L_inf budget.
         n_queries: forward passes per example, including the initial one.
         batch_chunk: process at most this many examples at once.
+        example_offset: index of ``x[0]`` in a larger batch (see ``pgd``).
     """
     x, y = check_inputs(x, y)
     get_objective(loss)
@@ -135,4 +136,5 @@ def square(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
     if n_queries < 1:
         raise ValueError(f"n_queries must be >= 1, got {n_queries}")
     return _square_jit(as_partial(logits_fn), x, y, key, eps, p_init,
+                       jnp.asarray(example_offset, jnp.int32),
                        n_queries=int(n_queries), loss=loss, batch_chunk=batch_chunk)
