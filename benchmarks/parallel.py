@@ -1,4 +1,4 @@
-"""Data-parallel step: 1, 2 and 4 simulated CPU devices, overhead and correctness.
+"""Data-parallel step and attack evaluation: 1, 2 and 4 simulated CPU devices.
 
     python -m benchmarks.parallel [--quick | --smoke]
 
@@ -15,6 +15,12 @@ smaller per-device GEMMs), not a speed-up. Correctness: every configuration
 trains ``--check-steps`` steps from the same initial state on the same
 global batches; the parameters must agree with the 1-device run to float
 tolerance (the order of the gradient reduction differs).
+
+The second table does the same for attack evaluation as
+``gce_jax.evaluation.Evaluator(mesh=...)`` runs it: PGD with a random start
+on LeNet-5, each batch split across the devices and the model replicated.
+Correctness: the set of examples still classified correctly after the attack
+must equal the 1-device set.
 """
 
 from __future__ import annotations
@@ -111,6 +117,45 @@ def data_parallel_case(name: str = "dp", devices: int = 1, batch: int = 64, loss
     return case
 
 
+class _AttackCase(StepCase):
+    """PGD on a batch split across a mesh; setup records which examples survive."""
+
+    def __init__(self, name, attack, fn, x, y, *, items_per_unit):
+        super().__init__(name, lambda _, xb, yb: attack(fn, xb, yb), None, (x, y),
+                         items_per_unit=items_per_unit)
+        self._fn, self.info = fn, {}
+
+    def _setup(self) -> None:
+        x_adv = self._step(None, *self._args)
+        pred = np.asarray(jnp.argmax(self._fn(x_adv), -1))
+        self.info["survivors"] = (pred == np.asarray(self._args[1])).tolist()
+        self._state = x_adv
+
+
+def evaluation_case(name: str = "eval", devices: int = 1, batch: int = 500,
+                    steps: int = 40, eps: float = 0.01) -> StepCase:
+    """PGD-``steps`` (step eps/4, random start) on a ``devices``-device mesh,
+    placed as ``Evaluator(mesh=...)`` places it. The labels are the model's
+    clean predictions, and the small eps leaves some of them standing, so the
+    survivor check below is not vacuous."""
+    from gce_jax.attacks import inference_logits_fn, pgd
+
+    if jax.device_count() < devices:
+        raise RuntimeError(f"need {devices} devices, have {jax.device_count()}")
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    model = train.create_model(_config(batch, "xe"), 10, bn_axis_name=None)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    fn = jax.device_put(inference_logits_fn(model, variables), parallel.replicated(mesh))
+    host = _host_batches(batch, 1, seed=2)[0]
+    host["label"] = np.asarray(jnp.argmax(fn(host["image"]), -1)).astype(np.int32)
+    placed = {k: jax.device_put(v, parallel.batch_sharded(mesh)) for k, v in host.items()}
+    attack = lambda f, xb, yb: pgd(f, xb, yb, key=jax.random.PRNGKey(0), eps=eps,  # noqa: E731
+                                   steps=steps, step_size=eps / 4)
+    case = _AttackCase(name, attack, fn, placed["image"], placed["label"], items_per_unit=batch)
+    case.info["devices"] = devices
+    return case
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -151,6 +196,26 @@ def main(argv=None) -> None:
               compile_label="first call (check steps + compile)",
               title=f"LeNet-5 data-parallel training step, global batch {batch}, GCE, "
                     "simulated CPU devices on the same cores"))
+
+    eval_batch, steps, eval_rounds = (8, 2, 2) if args.smoke else \
+        (100, 10, 5) if args.quick else (500, 40, 7)
+    cases = [WorkerCase(f"PGD-{steps}, {n} device{'s' if n > 1 else ''}",
+                        "benchmarks.parallel:evaluation_case",
+                        dict(devices=n, batch=eval_batch, steps=steps), env=env(n))
+             for n in args.devices]
+    res = measure(cases, rounds=eval_rounds, units=1)
+    survivors = {c.name: c.info["survivors"] for c in cases}
+    ref = survivors[cases[0].name]
+
+    def same(r):
+        s = survivors[r.name]
+        return {"examples still correct": f"{sum(s)}/{len(s)}",
+                "vs 1 device": "same" if s == ref else "DIFFERENT"}
+
+    say("")
+    say(table(res.values(), cases[0].name, unit="call", extra=same,
+              title=f"PGD-{steps} (eps 0.01) evaluation of LeNet-5 (initial weights), batch "
+                    f"{eval_batch} split across simulated CPU devices on the same cores"))
 
 
 if __name__ == "__main__":

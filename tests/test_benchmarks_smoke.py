@@ -48,6 +48,8 @@ def test_benchmark_smoke(name):
     assert "hardware:" in out
     assert "same run" in out
     assert len(_ratio_rows(out)) >= 2
+    if name == "parallel":  # its correctness checks, printed per row
+        assert "DIFFERENT" not in out and out.count("same") >= 6, out
 
 
 @pytest.mark.slow
