@@ -35,6 +35,7 @@ from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
 from gce_jax import attacks as _attacks
+from gce_jax import parallel
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -324,11 +325,9 @@ class Evaluator:
         self.batch_size = int(min(batch_size, len(x)))
         self._batch_sharding = self._replicated = None
         if mesh is not None and mesh.size > 1:
-            from gce_jax.parallel import BATCH_AXIS
             self.batch_size = -(-self.batch_size // mesh.size) * mesh.size
-            self._batch_sharding = jax.sharding.NamedSharding(
-                    mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
-            self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self._batch_sharding = parallel.batch_sharded(mesh)
+            self._replicated = parallel.replicated(mesh)
         self.registry = _attacks.ATTACKS if registry is None else registry
         self.progress = progress
         # The model goes in as a Partial argument, not a closure, so its weights
