@@ -199,9 +199,10 @@ def main(argv=None) -> None:
 
     eval_batch, steps, eval_rounds = (8, 2, 2) if args.smoke else \
         (100, 10, 5) if args.quick else (500, 40, 7)
+    eps = 0.01
     cases = [WorkerCase(f"PGD-{steps}, {n} device{'s' if n > 1 else ''}",
                         "benchmarks.parallel:evaluation_case",
-                        dict(devices=n, batch=eval_batch, steps=steps), env=env(n))
+                        dict(devices=n, batch=eval_batch, steps=steps, eps=eps), env=env(n))
              for n in args.devices]
     res = measure(cases, rounds=eval_rounds, units=1)
     survivors = {c.name: c.info["survivors"] for c in cases}
@@ -214,7 +215,7 @@ def main(argv=None) -> None:
 
     say("")
     say(table(res.values(), cases[0].name, unit="call", extra=same,
-              title=f"PGD-{steps} (eps 0.01) evaluation of LeNet-5 (initial weights), batch "
+              title=f"PGD-{steps} (eps {eps}) evaluation of LeNet-5 (initial weights), batch "
                     f"{eval_batch} split across simulated CPU devices on the same cores"))
 
 
