@@ -25,6 +25,7 @@ state this makes a resumed run bit-identical to an uninterrupted one on CPU.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 import json
 import math
@@ -402,30 +403,61 @@ def adversarial_eps_scale(step: jax.Array, warmup_steps: int) -> jax.Array:
     return jnp.minimum(1.0, (step.astype(jnp.float32) + 1.0) / warmup_steps)
 
 
+def _mix_fraction(mix: float) -> fractions.Fraction:
+    return fractions.Fraction(mix).limit_denominator(1000)
+
+
+def natural_rows(index: jax.Array, mix: float) -> jax.Array:
+    r"""Which examples, by index in the global batch, stay natural under ``mix``.
+
+    Row ``i`` is natural when :math:`\lfloor (i+1)\,m \rfloor > \lfloor i\,m \rfloor`:
+    ``floor(mix * B)`` of a global batch of ``B``, evenly spread, and a function
+    of the index alone, so the choice does not depend on how the batch is split
+    across devices. ``mix`` is taken as the nearest fraction with a denominator
+    of at most 1000, so the test is exact integer arithmetic.
+    """
+    f = _mix_fraction(mix)
+    index = jnp.asarray(index, jnp.int32)
+    return (index + 1) * f.numerator // f.denominator > index * f.numerator // f.denominator
+
+
 def adversarial_inputs(model: nn.Module, variables: dict, x: jax.Array, y: jax.Array, *,
                        key: jax.Array, adv: Any, eps_scale: Any = 1.0,
                        example_offset: Any = 0) -> jax.Array:
     """Madry et al.'s inner maximisation: PGD on cross-entropy, BatchNorm in inference.
 
-    The first ``round(mix * B)`` rows stay natural (the batch is shuffled, so
-    they are a random subset). The attack sees the model with ``train=False``,
-    so running statistics cannot change during it, and its output is a
-    constant for the outer gradient (Danskin). ``eps_scale`` shrinks the
-    radius and the step together (eps warm-up). ``example_offset`` is the
-    index of ``x[0]`` in the global batch: the random starts are keyed by it
-    (see :func:`gce_jax.attacks.pgd`).
+    With ``mix > 0`` the rows :func:`natural_rows` picks stay natural. The
+    attack sees the model with ``train=False``, so running statistics cannot
+    change during it, and its output is a constant for the outer gradient
+    (Danskin). ``eps_scale`` shrinks the radius and the step together (eps
+    warm-up). ``example_offset`` is the index of ``x[0]`` in the global batch:
+    the random starts and the natural rows are keyed by it (see
+    :func:`gce_jax.attacks.pgd`), so a step gives the same result on any
+    number of devices.
     """
     from gce_jax.attacks import inference_logits_fn, pgd
 
-    n_nat = int(round(adv.get("mix", 0.0) * x.shape[0]))
-    if n_nat == x.shape[0]:
+    attack = functools.partial(
+            pgd, inference_logits_fn(model, variables), key=key, eps=adv.eps * eps_scale,
+            steps=adv.steps, step_size=adv.step_size * eps_scale,
+            random_start=adv.get("random_start", True), loss="xe")
+    mix = adv.get("mix", 0.0)
+    if not mix:
+        x_adv = attack(x, y, example_offset=example_offset)
+        return jax.lax.stop_gradient(x_adv).astype(x.dtype)
+    b = x.shape[0]
+    index = example_offset + jnp.arange(b)
+    natural = natural_rows(index, mix)
+    # Any b consecutive indices hold at most this many adversarial rows; a
+    # shard with fewer attacks one natural row too and keeps it as it was.
+    n_adv = b - math.floor(b * _mix_fraction(mix))
+    if n_adv == 0:
         return x
-    x_adv = pgd(inference_logits_fn(model, variables), x[n_nat:], y[n_nat:], key=key,
-                eps=adv.eps * eps_scale, steps=adv.steps, step_size=adv.step_size * eps_scale,
-                random_start=adv.get("random_start", True), loss="xe",
-                example_offset=example_offset + n_nat)
-    x_adv = jax.lax.stop_gradient(x_adv).astype(x.dtype)
-    return jnp.concatenate([x[:n_nat], x_adv]) if n_nat else x_adv
+    pick = jnp.argsort(natural, stable=True)[:n_adv]  # adversarial rows first
+    x_adv = attack(x[pick], y[pick], example_offset=index[pick])
+    keep = natural[pick].reshape((n_adv,) + (1,) * (x.ndim - 1))
+    x_adv = jnp.where(keep, x[pick], jax.lax.stop_gradient(x_adv).astype(x.dtype))
+    return x.at[pick].set(x_adv, unique_indices=True)
 
 
 def init_train_metrics() -> dict:
@@ -454,9 +486,8 @@ def train_step(state: TrainState, metrics: dict, batch: dict, *, model: nn.Modul
     x, y = batch["image"], batch["label"]
     step_key = jax.random.fold_in(state.key, state.step)
     if adversarial is not None:
-        # Random starts keyed by the example's index in the global batch, so
-        # they do not depend on the device count. (With mix > 0 each shard
-        # keeps its own leading rows natural, which still does.)
+        # Random starts and natural rows keyed by the example's index in the
+        # global batch, so they do not depend on the device count.
         offset = jax.lax.axis_index(AXIS) * x.shape[0]
         x = adversarial_inputs(model, state.variables, x, y, key=step_key, adv=adversarial,
                                eps_scale=adversarial_eps_scale(state.step, adv_warmup_steps),

@@ -125,9 +125,11 @@ def test_adversarial_step_attacks_in_inference_mode_and_matches_on_four_devices(
     assert max_abs_diff(s_clean.batch_stats, s_adv.batch_stats) > 1e-4
 
 
-def test_adversarial_step_with_random_start_matches_on_four_devices():
-    # Random starts are keyed by the global example index, not the device.
-    config = _adv_config(random_start=True)
+@pytest.mark.parametrize("mix", [0.0, 0.4])
+def test_adversarial_step_with_random_start_matches_on_four_devices(mix):
+    # Random starts and natural rows are keyed by the global example index,
+    # not the device (mix=0.4: shards hold 1 or 2 natural rows of 4).
+    config = _adv_config(random_start=True, mix=mix)
     model, _ = make_models("resnet8")
     tx = train.create_optimizer(config, steps_per_epoch=10)
     mesh1 = parallel.make_mesh(jax.devices()[:1])
@@ -153,20 +155,43 @@ def test_pgd_shards_draw_the_whole_batch_random_starts():
                               pgd(fn, x[4:], y[4:], example_offset=4, **kw)])
     np.testing.assert_array_equal(np.asarray(halves), np.asarray(whole))
     assert not np.array_equal(np.asarray(pgd(fn, x[4:], y[4:], **kw)), np.asarray(whole[4:]))
+    # One index per example: a subset that is not contiguous.
+    idx = np.array([6, 1, 3])
+    some = pgd(fn, x[idx], y[idx], example_offset=jnp.asarray(idx), **kw)
+    np.testing.assert_array_equal(np.asarray(some), np.asarray(whole)[idx])
+    with pytest.raises(ValueError, match="example_offset"):
+        pgd(fn, x[idx], y[idx], example_offset=jnp.arange(2), **kw)
 
 
-def test_adversarial_mix_keeps_leading_natural_rows():
-    config = _adv_config(mix=0.25)
+@pytest.mark.parametrize("mix,size", [(0.25, 16), (0.4, 16), (0.3, 64), (1 / 3, 100)])
+def test_natural_rows_are_spread_evenly_and_split_invariant(mix, size):
+    nat = np.asarray(train.natural_rows(jnp.arange(size), mix))
+    assert nat.sum() == int(np.floor(size * mix + 1e-9))
+    # Every block of consecutive indices holds floor or ceil of its share.
+    for n in (4, 5, 8):
+        counts = [nat[i:i + n].sum() for i in range(size - n + 1)]
+        assert min(counts) >= np.floor(n * mix) and max(counts) <= np.ceil(n * mix)
+    parts = [np.asarray(train.natural_rows(o + jnp.arange(8), mix)) for o in range(0, size, 8)]
+    np.testing.assert_array_equal(np.concatenate(parts)[:size], nat)
+
+
+def test_adversarial_mix_keeps_the_chosen_rows_natural():
+    config = _adv_config(mix=0.4, random_start=True)
     model, _ = make_models("lenet5")
     mesh1 = parallel.make_mesh(jax.devices()[:1])
     tx = train.create_optimizer(config, 10)
     s0 = train.create_train_state(config, model, tx, (28, 28, 1), mesh1)
     b = random_batch((28, 28, 1))
-    x = train.adversarial_inputs(model, s0.variables, jnp.asarray(b["image"]),
-                                 jnp.asarray(b["label"]), key=jax.random.PRNGKey(0),
-                                 adv=config.training.adversarial)
-    d = np.abs(np.asarray(x) - b["image"]).reshape(len(x), -1).max(-1)
-    assert np.all(d[:4] == 0) and np.all(d[4:] > 0.05)
+    nat = np.asarray(train.natural_rows(jnp.arange(len(b["label"])), 0.4))
+    x, y = jnp.asarray(b["image"]), jnp.asarray(b["label"])
+    kw = dict(key=jax.random.PRNGKey(0), adv=config.training.adversarial)
+    out = np.asarray(train.adversarial_inputs(model, s0.variables, x, y, **kw))
+    d = np.abs(out - b["image"]).reshape(len(out), -1).max(-1)
+    assert nat.sum() == 6 and np.all(d[nat] == 0) and np.all(d[~nat] > 0.05)
+    # A shard (rows 4..7: two natural rows, two attacked plus a natural one
+    # as padding) gives the rows the whole batch gave them.
+    part = train.adversarial_inputs(model, s0.variables, x[4:8], y[4:8], example_offset=4, **kw)
+    np.testing.assert_array_equal(np.asarray(part), out[4:8])
 
 
 def test_adversarial_eps_warmup_ramps_radius_and_step_together():

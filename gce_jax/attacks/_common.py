@@ -80,8 +80,18 @@ def example_keys(key: Array, batch: int, offset: Any = 0) -> Array:
 
     Example ``i`` gets ``fold_in(key, offset + i)``; ``offset`` is the index of
     the first example in a larger batch (a device's shard of a global batch).
+    An ``offset`` of shape ``[batch]`` gives every example its own index instead
+    (a subset of a batch that is not contiguous).
     """
-    return jax.vmap(lambda i: jax.random.fold_in(key, offset + i))(jnp.arange(batch))
+    offset = jnp.asarray(offset)
+    if offset.ndim == 0:
+        index = offset + jnp.arange(batch)
+    elif offset.shape == (batch,):
+        index = offset
+    else:
+        raise ValueError(f"example_offset must be a scalar or have shape ({batch},), "
+                         f"got shape {offset.shape}")
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))

@@ -193,7 +193,7 @@ def pgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
     ``i`` uses ``fold_in(key, example_offset + i)``. Pass the index of ``x[0]``
     in a larger batch as ``example_offset`` (it may be traced, e.g. from
     ``axis_index`` under ``shard_map``), and a shard draws the same starts as
-    the whole batch.
+    the whole batch; an ``[N]`` array gives each example its own index.
     """
     return _iterative(logits_fn, x, y, key, eps=eps, step_size=step_size, steps=steps,
                       random_start=random_start, loss=loss, targeted=targeted,
