@@ -322,6 +322,13 @@ def _eps_tag(eps: Sequence[float]) -> str:
     return "eps" + "-".join(f"{e:g}" for e in eps)
 
 
+def _eval_main(name: str, ds: str, args) -> dict:
+    """FGSM/BIM/PGD/MIM at Table 3's radii on ``--n`` test images."""
+    eps = TABLE3_EPS[ds]
+    return evaluate_run(name, args.runs_dir, os.path.join(args.eval_dir, f"main-{_eps_tag(eps)}"),
+                        _eval_argv_main(ds, eps, args))
+
+
 def _eval_all(name: str, ds: str, args, *, slow: bool, reference: str | None = None) -> dict:
     """Main table (all ``--n``), JSMA/C&W (``--n_slow``) and diagnostics (``--n_diag``).
 
@@ -330,8 +337,7 @@ def _eval_all(name: str, ds: str, args, *, slow: bool, reference: str | None = N
     """
     root = args.eval_dir
     eps = TABLE3_EPS[ds]
-    reports = {"main": evaluate_run(name, args.runs_dir, os.path.join(root, f"main-{_eps_tag(eps)}"),
-                                    _eval_argv_main(ds, eps, args))}
+    reports = {"main": _eval_main(name, ds, args)}
     if slow:
         # Keyed by the subset size too: a run on another --n_slow must not
         # overwrite this one's report.
@@ -375,18 +381,26 @@ def _attack_rows(ds: str, target_table: dict, reports: dict[str, dict], columns:
         cells = {}
         for col, paper_v in zip(columns, paper_vals):
             rep = reports.get(col)
-            rec = None
+            recs = []
             if rep is not None:
                 if attack in ("fgsm", "bim", "pgd", "mim"):
-                    rec = find_record(rep["main"], attack, param)
+                    recs = [find_record(m, attack, param) for m in rep["main"]]
                 elif attack == "jsma" and "slow" in rep:
-                    rec = find_record(rep["slow"], "jsma", gamma=param)
+                    recs = [find_record(rep["slow"], "jsma", gamma=param)]
                 elif attack == "cw" and "slow" in rep:
-                    rec = find_record(rep["slow"], "carlini_wagner_l2")
-            cells[col] = (None if rec is None else rec["robust_accuracy"], paper_v,
-                          None if rec is None else rec["n"])
+                    recs = [find_record(rep["slow"], "carlini_wagner_l2")]
+            recs = [r for r in recs if r is not None]
+            values = [r["robust_accuracy"] for r in recs]
+            # (mean over seeds, paper, n, one value per seed)
+            cells[col] = (float(np.mean(values)) if values else None, paper_v,
+                          recs[0]["n"] if recs else None, values)
         rows.append((attack, param, cells))
     return rows
+
+
+def _cell_md(values: Sequence[float]) -> str:
+    """One seed: ``46.85``; several: ``46.85 ± 1.20`` (sample std, in percent)."""
+    return mean_std([100 * v for v in values]) if values else "n/a"
 
 
 def _attack_table_md(rows, columns, reports) -> list[str]:
@@ -397,7 +411,7 @@ def _attack_table_md(rows, columns, reports) -> list[str]:
         pname = {"jsma": "γ", "cw": "κ"}.get(attack, "ε")
         n = max((c[2] or 0) for c in cells.values())
         lines.append(f"| {attack.upper()} | {pname}={param:g} | " + " | ".join(
-            f"{pct(cells[c][0])} | {cells[c][1]}" for c in columns) + f" | {n} |")
+            f"{_cell_md(cells[c][3])} | {cells[c][1]}" for c in columns) + f" | {n} |")
     return lines
 
 
@@ -419,14 +433,23 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
     for ds in args.datasets:
         reports = {}
         for variant in variants:
-            seed = args.seeds[ds][0]
-            name, config = make_run(ds, variant, seed=seed, alpha_label=None, budget=args.budget,
-                                    data_root=args.data_root, mock=args.mock_data)
-            train_run(name, config, args.runs_dir)
-            xe_name = make_run(ds, "xe", seed=seed, alpha_label=None, budget=args.budget,
-                               data_root=args.data_root, mock=args.mock_data)[0]
-            reports[variant] = _eval_all(name, ds, args, slow=not args.skip_slow,
-                                         reference=xe_name if variant != "xe" else None)
+            # FGSM/BIM/PGD/MIM on every seed; JSMA/C&W and the diagnostics,
+            # which cost far more, on the first seed's model only.
+            mains = []
+            for i, seed in enumerate(args.seeds[ds]):
+                name, config = make_run(ds, variant, seed=seed, alpha_label=None,
+                                        budget=args.budget, data_root=args.data_root,
+                                        mock=args.mock_data)
+                train_run(name, config, args.runs_dir)
+                if i == 0:
+                    xe_name = make_run(ds, "xe", seed=seed, alpha_label=None, budget=args.budget,
+                                       data_root=args.data_root, mock=args.mock_data)[0]
+                    first = _eval_all(name, ds, args, slow=not args.skip_slow,
+                                      reference=xe_name if variant != "xe" else None)
+                    mains.append(first["main"])
+                else:
+                    mains.append(_eval_main(name, ds, args))
+            reports[variant] = {**first, "main": mains}
         rows = _attack_rows(ds, table, reports, variants)
         diag_only = {v: r["diagnostics"] for v, r in reports.items()}
         sections += [f"## {ds}", ""] + _attack_table_md(rows, variants, {
@@ -434,7 +457,10 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
             diag_only) + [""]
         payload[ds] = {"rows": [{"attack": a, "param": p, "cells": c} for a, p, c in rows],
                        "verdicts": {v: r["diagnostics"].get("verdict") for v, r in reports.items()},
-                       "reports": {v: {k: rep.get("run") for k, rep in r.items()}
+                       "seeds": args.seeds[ds],
+                       "reports": {v: {"main": [m.get("run") for m in r["main"]],
+                                       **{k: rep.get("run") for k, rep in r.items()
+                                          if k != "main"}}
                                    for v, r in reports.items()}}
     slow_tag = _slow_tag(args)
     reduced_cw = args.cw_binary_steps is not None or args.cw_steps is not None
@@ -448,6 +474,10 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
     md = header(f"{target}: accuracy (%) under white-box attacks", args,
                 "\nAll FGSM/BIM/PGD/MIM numbers attack the **cross-entropy** loss (the paper's "
                 "Eqs. 4-7), untargeted, on `--n` test images; " + slow_text
+                + (". Where a data set has several training seeds, its FGSM/BIM/PGD/MIM cells "
+                   "are mean ± std over them (sample std); JSMA, C&W and the diagnostics used "
+                   "the first seed's model"
+                   if max(len(args.seeds[d]) for d in args.datasets) > 1 else "")
                 + ". ⚠masking marks a model whose diagnostics flag gradient masking: its "
                 "numbers are upper bounds, not robustness. Per-attack settings are in "
                 f"`{args.eval_dir}/*/<run>/robustness.json`.\n") + "\n".join(sections)

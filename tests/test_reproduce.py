@@ -34,6 +34,30 @@ def test_table3_smoke_on_mock_data_trains_evaluates_and_compares(tmp_path):
     assert all(r["loss"] == "xe" for r in rep["results"] if r["attack"] in ("fgsm", "pgd"))
 
 
+def test_table3_with_two_seeds_reports_mean_and_std_of_the_main_attacks(tmp_path):
+    rc = reproduce.main(["--target", "table3", "--datasets", "mnist", "--mock_data",
+                         "--skip_slow", "--skip_diag", "--seeds", "0,1",
+                         "--runs_dir", str(tmp_path / "runs"),
+                         "--results_dir", str(tmp_path / "results"), "--n", "16"])
+    assert rc == 0
+    out = tmp_path / "results" / "mock"
+    table = json.loads((out / "table3" / "table3.json").read_text())["mnist"]
+    assert table["seeds"] == [0, 1] and len(table["reports"]["gce"]["main"]) == 2
+    per_seed = {}
+    for rep in out.glob("evaluations/main-*/*/robustness.json"):
+        r = json.loads(rep.read_text())
+        per_seed[r["run"]] = next(x["robust_accuracy"] for x in r["results"]
+                                  if x["attack"] == "pgd" and abs(x["eps"] - 0.1) < 1e-9)
+    assert len(per_seed) == 4  # XE and GCE, seeds 0 and 1
+    row = next(x for x in table["rows"] if x["attack"] == "pgd" and abs(x["param"] - 0.1) < 1e-9)
+    values = row["cells"]["xe"][3]
+    assert sorted(values) == sorted(v for k, v in per_seed.items() if "_xe_" in k)
+    md = (out / "table3" / "table3.md").read_text()
+    line = next(l for l in md.splitlines() if l.startswith("| PGD | ε=0.1 "))
+    assert line.split("|")[3].strip() == reproduce.mean_std([100 * v for v in values])
+    assert "mean ± std over them" in md
+
+
 def test_table4_smoke_without_diagnostics_says_so(tmp_path):
     rc = reproduce.main(["--target", "table4", "--datasets", "cifar100", "--mock_data",
                          "--budget", "reduced", "--skip_diag", "--runs_dir", str(tmp_path / "runs"),
