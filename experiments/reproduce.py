@@ -418,9 +418,7 @@ def _attack_table_md(rows, columns, reports) -> list[str]:
 def _verdicts_md(reports: dict[str, dict]) -> list[str]:
     out = ["", "Gradient-masking diagnostics (on the diagnostics subset):", ""]
     for col, rep in reports.items():
-        d = rep.get("diagnostics")
-        if d is None:
-            continue
+        d = rep.get("diagnostics") or rep  # --skip_diag leaves only a verdict
         best = d.get("best_robust") or []
         worst = min((b.get("robust_accuracy", 1.0) for b in best), default=None) if best else None
         out.append(f"- {col.upper()}: {d.get('verdict')}"

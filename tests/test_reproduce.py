@@ -56,6 +56,7 @@ def test_table3_with_two_seeds_reports_mean_and_std_of_the_main_attacks(tmp_path
     line = next(l for l in md.splitlines() if l.startswith("| PGD | ε=0.1 "))
     assert line.split("|")[3].strip() == reproduce.mean_std([100 * v for v in values])
     assert "mean ± std over them" in md
+    assert "- XE: inconclusive: diagnostics skipped (--skip_diag)" in md
 
 
 def test_table4_smoke_without_diagnostics_says_so(tmp_path):
