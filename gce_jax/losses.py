@@ -145,7 +145,7 @@ def _complement_loss_jvp(alpha, scale, axis, primals, tangents):
     g_label = row(scale * guide * alpha * one_m_pg * neg_ent)
     # z - ref is recomputed rather than zc kept: the same rounding as in the
     # forward, and one [B, K] array fewer to keep and read (about 0.03 of
-    # optax's time at K=100, B=1024 in four paired runs).
+    # optax's time at K=100, B=1024 in three paired runs).
     coef = jnp.where(is_label, g_label, a * e * ((z - row(ref)) - b))
     return loss, jnp.sum(coef * dz, axis=axis)
 
