@@ -70,11 +70,12 @@ def test_rgb_input_with_normalisation():
     np.testing.assert_allclose(gxb, gxa, rtol=1e-4, atol=1e-6)
 
 
-def test_weight_gradients_agree_with_pooling_ties():
+def test_gradients_agree_with_pooling_ties():
     # Flat regions (zeros and a constant patch) with positive biases make
-    # tied window maxima at positive values. nn.max_pool routes a window's
-    # gradient to its first maximum, the im2col pool shares it; the tied
-    # positions see equal patches, so the weight gradients are the same.
+    # tied window maxima at positive values. Both paths must route a window's
+    # gradient to its first maximum, as nn.max_pool does: the input gradient
+    # tells the rules apart (the weights' often cannot, the tied positions
+    # seeing equal patches).
     xla, im2col = _pair()
     x = jnp.zeros((4, 28, 28, 1)).at[:, 8:20, 8:20, :].set(0.5)
     x = x.at[:, 12, 12:16, :].set(1.0)
@@ -82,8 +83,9 @@ def test_weight_gradients_agree_with_pooling_ties():
     v = xla.init(jax.random.key(5), x)
     v = jax.tree_util.tree_map_with_path(
         lambda p, a: jnp.full_like(a, 0.05) if "bias" in jax.tree_util.keystr(p) else a, v)
-    (gva, _), (gvb, _) = _grads(xla, v, x, y), _grads(im2col, v, x, y)
+    (gva, gxa), (gvb, gxb) = _grads(xla, v, x, y), _grads(im2col, v, x, y)
     _assert_trees_close(gva, gvb, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gxb, gxa, rtol=1e-4, atol=1e-6)
 
 
 def test_jit_and_vmap_of_gradients():

@@ -96,11 +96,11 @@ def relu_max_pool_cnhw(z: jax.Array) -> jax.Array:
     """``max_pool(relu(z), 2x2, stride 2)`` on ``[C, B, H, W]``.
 
     ReLU is monotone, so it commutes with the max and runs on the 4x smaller
-    pooled tensor. Gradient: ``jnp.max``'s rule, i.e. a window's gradient is
-    shared equally by its tied maxima (``nn.max_pool`` gives it all to the
-    first). Both are valid subgradients; they differ only on exact ties, and
-    for the weights not even then when the tied positions see equal patches
-    (flat image regions, the common case).
+    pooled tensor. Gradient: exactly ``nn.max_pool``'s (XLA's select-and-
+    scatter with ``>=``, as PyTorch): a window's whole gradient goes to its
+    *first* maximum in row-major window order. Sharing it among tied maxima
+    is also a valid subgradient, but MNIST's flat regions tie in most images,
+    and that rule changed FGSM's result on the same weights.
     """
     return _relu_max_pool(z)
 
@@ -116,16 +116,18 @@ def _relu_max_pool_bwd(res, g):
     z, y = res
     zr = _window_view(z)
     c, b, h2, _, w2, _ = zr.shape
-    y = y[:, :, :, None, :, None]
     # y = relu(max): where y > 0 it is the max; windows with y == 0 get no
-    # gradient (relu'(0) = 0, as jax.nn.relu).
-    hit = (zr == y) & (y > 0)
-    n = hit.astype(g.dtype)
-    count = n[:, :, :, 0, :, 0] + n[:, :, :, 0, :, 1] + n[:, :, :, 1, :, 0] + n[:, :, :, 1, :, 1]
-    # The division also keeps XLA from fusing the (col2im) producer of g into
-    # the 4x-larger expansion below, which would recompute it per output.
-    share = g / jnp.maximum(count, 1)
-    dz = jnp.where(hit, share[:, :, :, None, :, None], 0).reshape(c, b, 2 * h2, 2 * w2)
+    # gradient (relu'(0) = 0, as jax.nn.relu). Among tied maxima the first in
+    # window order (0,0), (0,1), (1,0), (1,1) takes it all.
+    free = y > 0
+    parts = []
+    for i, j in ((0, 0), (0, 1), (1, 0)):
+        hit = free & (zr[:, :, :, i, :, j] == y)
+        parts.append(jnp.where(hit, g, 0))
+        free = free & ~hit
+    parts.append(jnp.where(free, g, 0))
+    dz = jnp.stack([jnp.stack(parts[:2], -1), jnp.stack(parts[2:], -1)], 3)
+    dz = dz.reshape(c, b, 2 * h2, 2 * w2)
     if dz.shape != z.shape:  # odd sizes: the floored row/column gets no gradient
         dz = jnp.pad(dz, ((0, 0), (0, 0), (0, z.shape[2] - dz.shape[2]),
                           (0, z.shape[3] - dz.shape[3])))
