@@ -7,7 +7,9 @@ Each entry of ``FAST_PATHS`` is checked on real test images with weights from a
 short real training run, where exact ties (flat MNIST background, ReLU zeros)
 are common, for:
 
-* input gradients and parameter gradients of XE and GCE (float32 tolerance);
+* input gradients (inference mode, as attacks see the model) and parameter
+  gradients (training mode, as the training step sees it) of XE and GCE,
+  within float32 tolerance;
 * FGSM's adversarial images (equal except where the input gradient is within
   rounding of zero, where the sign is noise on either path);
 * a non-vacuity check: the images do contain the ties the path must handle.
@@ -31,7 +33,9 @@ import pytest
 from gce_jax import attacks
 from gce_jax.data import load_split
 from gce_jax.losses import cross_entropy, guided_complement_entropy
+from gce_jax.models.common import normalize_for
 from gce_jax.models.lenet import LeNet5
+from gce_jax.models.resnet import CifarResNet
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -44,10 +48,14 @@ class FastPath:
     dataset: str
     data_dir: Path
     # (model, variables, x) -> number of exact ties the fast path must resolve
-    # like the native one.
-    count_ties: Callable[[nn.Module, dict, jax.Array], int]
+    # like the native one; None where it has no tie-breaking op (ReLU's kink
+    # is jax.nn.relu's on both paths).
+    count_ties: Callable[[nn.Module, dict, jax.Array], int] | None
+    min_accuracy: float
     train_images: int = 4096
     train_steps: int = 120
+    batch: int = 64
+    n_test: int = 128
 
 
 def _lenet_pool_ties(model: nn.Module, variables: dict, x: jax.Array) -> int:
@@ -61,10 +69,22 @@ def _lenet_pool_ties(model: nn.Module, variables: dict, x: jax.Array) -> int:
     return int(tied.sum())
 
 
+_cifar_resnet20 = CifarResNet(depth=20, normalize=normalize_for("cifar10"))
 FAST_PATHS = [
     FastPath("lenet5-im2col", LeNet5(conv_impl="xla"), LeNet5(conv_impl="im2col"),
-             "mnist", DATA / "mnist", _lenet_pool_ties),
+             "mnist", DATA / "mnist", _lenet_pool_ties, min_accuracy=0.8),
+    FastPath("resnet20-im2col", _cifar_resnet20.clone(conv_impl="xla"),
+             _cifar_resnet20.clone(conv_impl="im2col"), "cifar10",
+             DATA / "cifar10-jpeg.tar.gz", None, min_accuracy=0.25,
+             train_images=2048, train_steps=40, batch=32, n_test=48),
 ]
+
+
+def _apply(model, variables, params, x, train):
+    v = {**variables, "params": params}
+    if train and "batch_stats" in variables:
+        return model.apply(v, x, train=True, mutable=["batch_stats"])
+    return model.apply(v, x), {}
 
 
 def _train(path: FastPath, x: np.ndarray, y: np.ndarray) -> dict:
@@ -72,21 +92,22 @@ def _train(path: FastPath, x: np.ndarray, y: np.ndarray) -> dict:
     model = path.native
     variables = model.init(jax.random.key(0), jnp.asarray(x[:1]))
     opt = optax.adam(1e-3)
-    params = variables["params"]
-    state = opt.init(params)
+    state = opt.init(variables["params"])
 
     @jax.jit
-    def step(params, state, xb, yb):
-        loss = lambda p: cross_entropy(model.apply({**variables, "params": p}, xb), yb).mean()
-        g = jax.grad(loss)(params)
-        upd, state = opt.update(g, state, params)
-        return optax.apply_updates(params, upd), state
+    def step(variables, state, xb, yb):
+        def loss(p):
+            z, new = _apply(model, variables, p, xb, train=True)
+            return cross_entropy(z, yb).mean(), new
+        g, new = jax.grad(loss, has_aux=True)(variables["params"])
+        upd, state = opt.update(g, state, variables["params"])
+        return {**variables, **new, "params": optax.apply_updates(variables["params"], upd)}, state
 
     rng = np.random.default_rng(0)
     for _ in range(path.train_steps):
-        idx = rng.integers(0, len(x), 64)
-        params, state = step(params, state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
-    return {**variables, "params": params}
+        idx = rng.integers(0, len(x), path.batch)
+        variables, state = step(variables, state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+    return variables
 
 
 @pytest.fixture(scope="module", params=FAST_PATHS, ids=lambda p: p.name)
@@ -98,8 +119,8 @@ def trained(request):
     te = load_split(path.dataset, "test", data_dir=path.data_dir)
     xtr = tr.images[: path.train_images].astype(np.float32) / 255.0
     variables = _train(path, xtr, tr.labels[: path.train_images])
-    x = jnp.asarray(te.images[:128].astype(np.float32) / 255.0)
-    y = jnp.asarray(te.labels[:128])
+    x = jnp.asarray(te.images[: path.n_test].astype(np.float32) / 255.0)
+    y = jnp.asarray(te.labels[: path.n_test])
     return path, variables, x, y
 
 
@@ -109,14 +130,16 @@ LOSSES = {
 }
 
 
-def _grads(model, variables, x, y, loss):
+def _grads(model, variables, x, y, loss, train):
     def f(params, x):
-        return LOSSES[loss](model.apply({**variables, "params": params}, x), y).sum()
+        return LOSSES[loss](_apply(model, variables, params, x, train)[0], y).sum()
     return jax.jit(jax.grad(f, argnums=(0, 1)))(variables["params"], x)
 
 
 def test_images_contain_ties(trained):
     path, variables, x, _ = trained
+    if path.count_ties is None:
+        pytest.skip(f"{path.name} has no tie-breaking op")
     # Without ties the gradient checks below could not tell tie rules apart.
     assert path.count_ties(path.native, variables, x) > len(x)
 
@@ -124,24 +147,39 @@ def test_images_contain_ties(trained):
 def test_the_model_is_trained(trained):
     path, variables, x, y = trained
     acc = float(jnp.mean(jnp.argmax(path.native.apply(variables, x), -1) == y))
-    assert acc > 0.8, acc
+    assert acc > path.min_accuracy, acc
+
+
+def _relative_errors(a: jax.Array, b: jax.Array) -> np.ndarray:
+    """Per-example ||a - b|| / ||b||."""
+    a, b = np.asarray(a).reshape(len(a), -1), np.asarray(b).reshape(len(b), -1)
+    return np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-30)
+
+
+def _assert_same_per_example(rel: np.ndarray) -> None:
+    # Float32 rounding can put a pre-activation within rounding of 0 on the
+    # other side of a ReLU on one path (any two float32 implementations, a CPU
+    # and a GPU among them, do this), which changes that example's gradient by
+    # up to ~1e-3. A different rule (a tie rule, a layout bug) moves every
+    # example: the old LeNet-5 pool gradient differed by 26% on all of them.
+    assert np.median(rel) < 1e-5, np.median(rel)
+    assert np.mean(rel > 1e-4) <= 0.05, np.sort(rel)[-5:]
+    assert rel.max() < 1e-2, rel.max()
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_input_and_parameter_gradients_equal(trained, loss):
     path, variables, x, y = trained
     np.testing.assert_allclose(path.fast.apply(variables, x), path.native.apply(variables, x),
-                               rtol=1e-5, atol=1e-5)
-    (gp_n, gx_n), (gp_f, gx_f) = (_grads(m, variables, x, y, loss)
-                                  for m in (path.native, path.fast))
-    scale = float(jnp.abs(gx_n).max())
-    np.testing.assert_allclose(gx_f, gx_n, rtol=1e-4, atol=1e-5 * scale)
-    rel = float(jnp.linalg.norm(gx_f - gx_n) / jnp.linalg.norm(gx_n))
-    assert rel < 1e-5, rel
+                               rtol=1e-4, atol=1e-4)
+    (_, gx_n), (_, gx_f) = (_grads(m, variables, x, y, loss, train=False)
+                            for m in (path.native, path.fast))
+    _assert_same_per_example(_relative_errors(gx_f, gx_n))
+    (gp_n, _), (gp_f, _) = (_grads(m, variables, x, y, loss, train=True)
+                            for m in (path.native, path.fast))
     for (kp, a), b in zip(jax.tree_util.tree_leaves_with_path(gp_n), jax.tree.leaves(gp_f)):
-        s = float(jnp.abs(a).max())
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * s,
-                                   err_msg=jax.tree_util.keystr(kp))
+        rel = float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a))
+        assert rel < 1e-3, (jax.tree_util.keystr(kp), rel)
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
@@ -150,9 +188,10 @@ def test_fgsm_images_equal(trained, loss):
     eps = 0.1
     advs = [attacks.fgsm(attacks.inference_logits_fn(m, variables), x, y, eps=eps, loss=loss)
             for m in (path.native, path.fast)]
-    _, gx = _grads(path.native, variables, x, y, loss)
+    _, gx = _grads(path.native, variables, x, y, loss, train=False)
     # Pixels whose gradient is rounding noise may flip sign on either path.
     noise = jnp.abs(gx) <= 1e-6 * jnp.abs(gx).reshape(len(x), -1).max(1)[:, None, None, None]
     differ = (advs[0] != advs[1]) & ~noise
-    assert int(differ.sum()) == 0, f"{int(differ.sum())} pixels differ"
+    # A ReLU flip (above) may move a few low-gradient pixels of one example.
+    assert float(jnp.mean(differ)) < 1e-3, f"{int(differ.sum())} pixels differ"
     assert float(jnp.mean(noise)) < 0.5  # the comparison is not empty

@@ -13,7 +13,8 @@ import pytest
 
 from gce_jax.losses import cross_entropy, guided_complement_entropy
 from gce_jax.models import count_params, get_model
-from gce_jax.models.lenet import LeNet5, resolve_conv_impl
+from gce_jax.models.im2col import resolve_conv_impl
+from gce_jax.models.lenet import LeNet5
 from gce_jax.models.common import normalize_for
 
 

@@ -5,6 +5,13 @@ three stages of n basic blocks with 16/32/64 channels, global average pooling
 and a linear classifier. Option A: the shortcut of a downsampling block is the
 identity subsampled by 2 with zero-padded extra channels (no parameters).
 
+``conv_impl`` selects the formulation of the CIFAR ResNets' convolutions, as for
+LeNet-5 (``gce_jax.models.im2col``): ``'xla'`` is ``nn.Conv`` on NHWC;
+``'im2col'`` runs the whole network channels-first (``[C, B, H, W]``) with
+convolutions as GEMMs over patches and BatchNorm over axis 0. Both have the
+same parameter tree and the same values and gradients; ``'auto'`` picks
+``'im2col'`` on CPU only.
+
 ResNet-50 uses bottleneck blocks [3, 4, 6, 3]. For 64x64 Tiny ImageNet the
 stem is a 3x3 stride-1 convolution without max-pooling (a 7x7/2 stem plus pool
 would shrink 64x64 inputs to 16x16 before the first stage).
@@ -19,18 +26,28 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from gce_jax.models.common import Normalize
+from gce_jax.models.im2col import ConvImpl, PatchConv, resolve_conv_impl
 
 # He et al. initialise convolutions with N(0, 2/fan_in).
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-def _batch_norm(train: bool, axis_name: str | None, dtype, name=None, scale_init=None):
+def _batch_norm(train: bool, axis_name: str | None, dtype, name=None, scale_init=None,
+                feature_axis: int = -1):
     kw = {} if scale_init is None else {"scale_init": scale_init}
     # momentum 0.9 == PyTorch's 0.1; axis_name makes the statistics a pmean
     # over the data-parallel axis when training under shard_map.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        axis_name=axis_name if train else None, dtype=dtype,
+    return nn.BatchNorm(use_running_average=not train, axis=feature_axis, momentum=0.9,
+                        epsilon=1e-5, axis_name=axis_name if train else None, dtype=dtype,
                         name=name, **kw)
+
+
+def _conv3x3(filters: int, strides: int, channels_first: bool, dtype, name: str | None = None):
+    if channels_first:
+        return PatchConv(filters, 3, strides=strides, padding=1, use_bias=False,
+                         kernel_init=_conv_init, dtype=dtype, name=name)
+    return nn.Conv(filters, (3, 3), strides=strides, padding=1, use_bias=False,
+                   kernel_init=_conv_init, dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -38,21 +55,28 @@ class BasicBlock(nn.Module):
     strides: int = 1
     bn_axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
+    channels_first: bool = False  # [C, B, H, W] activations and im2col convolutions
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init,
-                                 dtype=self.dtype)
-        y = conv(self.filters, (3, 3), strides=self.strides, padding=1)(x)
-        y = nn.relu(_batch_norm(train, self.bn_axis_name, self.dtype)(y))
-        y = conv(self.filters, (3, 3), padding=1)(y)
-        y = _batch_norm(train, self.bn_axis_name, self.dtype)(y)
+        cf = self.channels_first
+        conv = functools.partial(_conv3x3, channels_first=cf, dtype=self.dtype)
+        bn = functools.partial(_batch_norm, train, self.bn_axis_name, self.dtype,
+                               feature_axis=0 if cf else -1)
+        # Explicit names: the same parameter tree for both layouts.
+        y = conv(self.filters, self.strides, name="Conv_0")(x)
+        y = nn.relu(bn(name="BatchNorm_0")(y))
+        y = conv(self.filters, 1, name="Conv_1")(y)
+        y = bn(name="BatchNorm_1")(y)
         shortcut = x
-        if self.strides != 1 or x.shape[-1] != self.filters:
-            shortcut = x[:, ::self.strides, ::self.strides, :]
-            extra = self.filters - x.shape[-1]
-            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0),
-                                          (extra // 2, extra - extra // 2)))
+        channels = x.shape[0 if cf else -1]
+        if self.strides != 1 or channels != self.filters:
+            s, extra = self.strides, self.filters - channels
+            pad_c = (extra // 2, extra - extra // 2)
+            if cf:
+                shortcut = jnp.pad(x[:, :, ::s, ::s], (pad_c, (0, 0), (0, 0), (0, 0)))
+            else:
+                shortcut = jnp.pad(x[:, ::s, ::s, :], ((0, 0), (0, 0), (0, 0), pad_c))
         return nn.relu(y + shortcut)
 
 
@@ -64,6 +88,7 @@ class CifarResNet(nn.Module):
     normalize: Normalize = Normalize()
     bn_axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
+    conv_impl: ConvImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False,
@@ -71,16 +96,20 @@ class CifarResNet(nn.Module):
         if (self.depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {self.depth}")
         n = (self.depth - 2) // 6
+        cf = resolve_conv_impl(self.conv_impl) == "im2col"
         x = self.normalize(x).astype(self.dtype)
-        x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init,
-                    dtype=self.dtype)(x)
-        x = nn.relu(_batch_norm(train, self.bn_axis_name, self.dtype)(x))
+        if cf:
+            x = jnp.transpose(x, (3, 0, 1, 2))  # NHWC -> CNHW
+        x = _conv3x3(16, 1, cf, self.dtype, name="Conv_0")(x)
+        x = nn.relu(_batch_norm(train, self.bn_axis_name, self.dtype, name="BatchNorm_0",
+                                feature_axis=0 if cf else -1)(x))
         for stage, filters in enumerate((16, 32, 64)):
             for block in range(n):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(filters, strides, self.bn_axis_name, self.dtype)(x, train)
-        features = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32)(features)
+                x = BasicBlock(filters, strides, self.bn_axis_name, self.dtype, cf,
+                               name=f"BasicBlock_{stage * n + block}")(x, train)
+        features = jnp.mean(x, axis=(2, 3)).T if cf else jnp.mean(x, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="Dense_0")(features)
         return (logits, features) if return_features else logits
 
 
