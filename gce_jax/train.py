@@ -120,6 +120,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
         f = get("lr_schedule.decay_factor")
         check(isinstance(f, (int, float)) and f > 0,
               f"lr_schedule.decay_factor={f!r}: must be > 0")
+    warm = get("lr_schedule.warmup_epochs", 0.0)
+    check(isinstance(warm, (int, float)) and 0 <= warm < epochs,
+          f"lr_schedule.warmup_epochs={warm!r}: must be >= 0 and below epochs")
     check(get("selection") in SELECTIONS,
           f"selection={get('selection')!r}: expected one of {SELECTIONS} (never test)")
     val_size = get("data.val_size", 0)
@@ -263,7 +266,11 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict,
         return optax.piecewise_constant_schedule(
             lr, {int(round(b * steps_per_epoch)): s.decay_factor for b in s.boundaries_epochs})
     if s.name == "cosine":
-        return optax.cosine_decay_schedule(lr, config.epochs * steps_per_epoch)
+        total = config.epochs * steps_per_epoch
+        warmup = int(round(s.get("warmup_epochs", 0.0) * steps_per_epoch))
+        if warmup:  # linear from 0 to lr, then cosine to 0 at the last step
+            return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total)
+        return optax.cosine_decay_schedule(lr, total)
     raise ConfigError(f"unknown lr_schedule.name {s.name!r}")
 
 

@@ -274,3 +274,22 @@ def test_resume_is_bit_identical(variant, tmp_path):
     assert r_full["train_loss"] == r_part["train_loss"]
     if variant == "cot":
         assert "train_complement_loss" in r_full and r_full["train_complement_loss"] < 0
+
+
+def test_cosine_schedule_with_linear_warmup():
+    from experiments.configs import cifar10_cpu
+
+    config = cifar10_cpu.get_config("xe")
+    train.validate_config(config)
+    steps = 100
+    lr_fn = train.create_learning_rate_fn(config, steps)
+    peak, warm = config.optimizer.learning_rate, int(config.lr_schedule.warmup_epochs * steps)
+    assert float(lr_fn(0)) == 0.0
+    np.testing.assert_allclose(float(lr_fn(warm // 2)), peak / 2, rtol=1e-5)
+    np.testing.assert_allclose(float(lr_fn(warm)), peak, rtol=1e-5)
+    assert float(lr_fn(config.epochs * steps)) < 1e-6 * peak
+    lrs = [float(lr_fn(s)) for s in range(warm, config.epochs * steps, 50)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # decays monotonically after warm-up
+    config.lr_schedule.warmup_epochs = float(config.epochs)
+    with pytest.raises(train.ConfigError, match="warmup_epochs"):
+        train.validate_config(config)

@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lr_schedule.name = "constant"  # constant | piecewise | cosine
     c.lr_schedule.boundaries_epochs = (100, 150)  # piecewise: multiply by decay_factor
     c.lr_schedule.decay_factor = 0.1
+    c.lr_schedule.warmup_epochs = 0.0  # cosine: linear warm-up from 0 over these epochs
 
     c.epochs = 1
     c.batch_size = 128  # global, over all devices and hosts

@@ -1,0 +1,33 @@
+"""CPU BUDGET (not the paper's): CIFAR-10 + ResNet-20 in about an hour on 2 cores.
+
+Everything trained with this config is reported as "CPU budget", never as the
+paper's ResNet-56 / 200-epoch setting (``cifar10_resnet56.py``). Variants
+``:xe``, ``:gce`` (alpha 1/3), ``:cot``: the same recipe, only the loss (and
+COT's second step) differs.
+
+Recipe: ResNet-20, batch 128, SGD momentum 0.9 (Nesterov), weight decay 5e-4,
+lr 0.1 with a 1-epoch linear warm-up then cosine decay to 0, random crop +
+flip, 45,000 training images and model selection on the 5,000 held-out
+validation images (never the test set).
+"""
+
+from __future__ import annotations
+
+from experiments.configs import cifar10_resnet56
+
+VARIANTS = ("xe", "gce", "cot")
+
+
+def get_config(variant: str = "xe"):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    c = cifar10_resnet56.get_config(variant)
+    c.name = f"cifar10_cpu_resnet20_{variant}"
+    c.model = "resnet20"
+    c.epochs = 20
+    c.optimizer.nesterov = True
+    c.optimizer.weight_decay = 5e-4
+    c.lr_schedule.name = "cosine"
+    c.lr_schedule.warmup_epochs = 1.0
+    c.checkpoint.keep = 2
+    return c
