@@ -145,8 +145,10 @@ def _parse_attacks(names: list[str], registry) -> list[tuple[str, str]]:
 
 
 def _load(workdir: str, selection: str | None, flag: str):
-    from gce_jax import train
+    from gce_jax import train, weights
     try:
+        if weights.is_published(workdir):  # a published-weights folder
+            return weights.load_published(workdir)
         return train.load_for_eval(workdir, selection)
     except Exception as e:  # noqa: BLE001 -- any load failure is one clear error
         raise CLIError(f"{flag} {workdir!r}: could not load the checkpoint: "
