@@ -243,8 +243,9 @@ def resolved_settings(spec: AttackSpec, attack_fn: AttackFn,
         full = _attacks.attack_spec(spec.attack, **spec.call_kwargs())
     except TypeError as e:
         raise EvaluationError(f"{spec.label}: {e}") from None
+    # example_offset is per batch (the evaluator passes each batch's), not a setting.
     out = {k: _jsonable(v) for k, v in sorted(full.items())
-           if k not in ("attack", "norm", "loss", "eps")}
+           if k not in ("attack", "norm", "loss", "eps", "example_offset")}
     if spec.attack == "jsma" and example_shape is not None:
         out["max_iters"] = jsma_max_iterations(out["gamma"], math.prod(example_shape))
     out["restarts"] = spec.restarts

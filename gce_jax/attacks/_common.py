@@ -162,7 +162,7 @@ def check_inputs(x: Any, y: Any, *, logits_fn: LogitsFn | None = None,
         raise TypeError(f"x must be floating point in [0, 1], got dtype {x.dtype}")
     k = None if logits_fn is None else num_classes(as_partial(logits_fn), x)
     y = check_labels(y, x.shape[0], k)
-    # numpy input is range-checked on the host, before any device transfer.
+    # numpy input is range-checked on the host (no device reduction).
     _check_pixels(x_in if isinstance(x_in, np.ndarray) else x)
     check_scalar("eps", eps)
     check_scalar("step_size", step_size, positive=True)
