@@ -8,6 +8,15 @@ adversarial input) and a JSON-ready record. Masks are what make an honest
 worst case possible: an example counts as robust only if it survives every
 attack (:func:`best_robust`), as in AutoAttack.
 
+Besides robust accuracy, every record says how often and at what distortion
+the attack *succeeded*, on the clean-correct examples: ``success_rate``
+(``targeted`` attacks -- JSMA, C&W -- succeed when the prediction is their
+target, recomputed with ``draw_targets`` from the key the attack got; the
+others when it is wrong), and ``mean_l0`` (features changed) and ``mean_l2``
+over the successful examples only (``None`` when none succeeded). A targeted
+attack that only reaches a wrong non-target class lowers robust accuracy but
+is no success.
+
 Nothing here knows about checkpoints or the CLI; ``experiments/evaluate.py``
 wires a trained model to this module and to :mod:`gce_jax.diagnostics`.
 """
@@ -36,12 +45,15 @@ from tqdm.auto import tqdm
 
 from gce_jax import attacks as _attacks
 from gce_jax import parallel
+from gce_jax.attacks.jsma import max_iterations as jsma_max_iterations
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 AttackFn = Callable[..., Array]
 
-SCHEMA_VERSION = 1
+# 2: success_rate / num_success / targeted / mean_l0 added; mean_l2 is over
+# the successful examples (v1: over all examples, failures counted as 0).
+SCHEMA_VERSION = 2
 
 # Top-level keys of robustness.json and keys of every attack record. Tests pin
 # these: downstream tables and plots parse the file, so change them only with
@@ -54,7 +66,8 @@ REPORT_KEYS = (
 RECORD_KEYS = (
     "label", "attack", "threat", "norm", "eps", "loss", "settings", "source",
     "n", "seed", "clean_accuracy", "robust_accuracy", "num_clean_correct",
-    "num_robust", "max_linf", "mean_l2", "wall_time_s",
+    "num_robust", "targeted", "success_rate", "num_success", "max_linf", "mean_l0",
+    "mean_l2", "wall_time_s",
 )
 
 # Threat model of each registry attack (one table, in gce_jax.attacks). Bounded
@@ -214,12 +227,15 @@ def parse_attack_name(name: str, registry: Mapping[str, AttackFn]) -> tuple[str,
 
 
 # ---------------------------------------------------------------------------- results
-def resolved_settings(spec: AttackSpec, attack_fn: AttackFn) -> dict[str, Any]:
+def resolved_settings(spec: AttackSpec, attack_fn: AttackFn,
+                      example_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """Every setting the attack ran with, defaults filled in, plus restarts.
 
     Uses ``gce_jax.attacks.attack_spec`` for registry attacks (which also
     rejects misspelt keywords before any compute); other attacks (test
-    doubles) record what was passed.
+    doubles) record what was passed. With ``example_shape``, JSMA's
+    iteration budget is resolved too (``max_iters``, from gamma and the
+    number of features).
     """
     if _attacks.ATTACKS.get(spec.attack) is not attack_fn:
         return spec.settings()
@@ -227,10 +243,25 @@ def resolved_settings(spec: AttackSpec, attack_fn: AttackFn) -> dict[str, Any]:
         full = _attacks.attack_spec(spec.attack, **spec.call_kwargs())
     except TypeError as e:
         raise EvaluationError(f"{spec.label}: {e}") from None
+    # example_offset is per batch (the evaluator passes each batch's), not a setting.
     out = {k: _jsonable(v) for k, v in sorted(full.items())
-           if k not in ("attack", "norm", "loss", "eps")}
+           if k not in ("attack", "norm", "loss", "eps", "example_offset")}
+    if spec.attack == "jsma" and example_shape is not None:
+        out["max_iters"] = jsma_max_iterations(out["gamma"], math.prod(example_shape))
     out["restarts"] = spec.restarts
     return out
+
+
+def draws_targets(attack_fn: AttackFn, settings: Mapping[str, Any]) -> bool:
+    """Whether the attack is targeted at classes it draws itself.
+
+    The library's contract: an attack with a ``targets`` argument that is
+    called without one draws them as ``draw_targets(key, y, K,
+    example_offset)`` (JSMA; C&W unless ``targeted=False``), so the
+    evaluator can recompute them from the same key.
+    """
+    params = inspect.signature(attack_fn).parameters
+    return "targets" in params and bool(settings.get("targeted", True))
 
 
 @dataclasses.dataclass
@@ -335,6 +366,7 @@ class Evaluator:
         self._fn = self._replicate(logits_fn)
         self._predict = jax.jit(_argmax_logits)
         self._cache: dict[str, AttackResult] = {}
+        self.num_classes = int(jax.eval_shape(self._fn, jnp.asarray(x[:1])).shape[-1])
         self.clean_correct = self.predict(x) == y
 
     @property
@@ -387,13 +419,19 @@ class Evaluator:
         attack_fn = self.registry[spec.attack]
         craft_fn = self._fn if source_logits_fn is None else self._replicate(source_logits_fn)
         kwargs = spec.call_kwargs()
-        settings = resolved_settings(spec, attack_fn)
+        settings = resolved_settings(spec, attack_fn, self.x.shape[1:])
+        targeted = draws_targets(attack_fn, settings)
 
         # No extra jit here: the attacks compile their own cores with eps and
         # step sizes traced, so one compilation serves every eps and batch.
         robust = self.clean_correct.copy()
+        # Success: a clean-correct example misclassified (untargeted) or
+        # classified as its target (targeted), in the first restart that got
+        # there; its distances are that restart's.
+        success = np.zeros(self.n, bool)
+        l0 = np.zeros(self.n)
+        l2 = np.zeros(self.n)
         max_linf = 0.0
-        sum_l2 = 0.0
         start_t = time.perf_counter()
         spec_key = self.spec_key(spec)
         # Attacks that key their draws by the example's index get it, so the
@@ -407,8 +445,11 @@ class Evaluator:
             for r in range(spec.restarts):
                 rkey = jax.random.fold_in(spec_key, r)
                 for b, (s, e) in enumerate(batches):
-                    # Later restarts only need the examples still standing.
-                    if r > 0 and not robust[s:e].any():
+                    # Later restarts only need the examples still standing
+                    # (or, when targeted, still short of their target).
+                    pending = robust[s:e] | (self.clean_correct[s:e] & ~success[s:e]
+                                             if targeted else False)
+                    if r > 0 and not pending.any():
                         bar.update(e - s)
                         continue
                     xb, yb = self._batch(self.x[s:e]), self._batch(self.y[s:e])
@@ -420,13 +461,21 @@ class Evaluator:
                     x_adv = x_adv[: e - s]
                     delta = (x_adv - self.x[s:e]).reshape(e - s, -1)
                     linf = np.abs(delta).max(axis=1) if delta.size else np.zeros(e - s)
-                    l2 = np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1))
-                    self._check_bounds(spec, x_adv, linf, l2)
+                    dist2 = np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1))
+                    self._check_bounds(spec, x_adv, linf, dist2)
                     max_linf = max(max_linf, float(linf.max(initial=0.0)))
-                    if r == 0:
-                        sum_l2 += float(l2.sum())
                     pred = self.predict(x_adv)
                     robust[s:e] &= pred == self.y[s:e]
+                    if targeted:
+                        t = _attacks.draw_targets(call["key"], yb, self.num_classes,
+                                                  call.get("example_offset", 0))
+                        hit = pred == np.asarray(t)[: e - s]
+                    else:
+                        hit = pred != self.y[s:e]
+                    new = hit & self.clean_correct[s:e] & ~success[s:e]
+                    success[s:e] |= new
+                    l0[s:e][new] = np.count_nonzero(delta, axis=1)[new]
+                    l2[s:e][new] = dist2[new]
                     bar.update(e - s)
         finally:
             bar.close()
@@ -450,8 +499,13 @@ class Evaluator:
             "robust_accuracy": float(robust.mean()),
             "num_clean_correct": int(self.clean_correct.sum()),
             "num_robust": int(robust.sum()),
+            "targeted": targeted,
+            "success_rate": (float(success.sum() / self.clean_correct.sum())
+                             if self.clean_correct.any() else None),
+            "num_success": int(success.sum()),
             "max_linf": max_linf,
-            "mean_l2": sum_l2 / self.n,
+            "mean_l0": float(l0[success].mean()) if success.any() else None,
+            "mean_l2": float(l2[success].mean()) if success.any() else None,
             "wall_time_s": round(wall, 3),
         }
         assert tuple(record) == RECORD_KEYS
@@ -637,8 +691,15 @@ def report_to_markdown(report: Mapping[str, Any]) -> str:
         "Robust accuracy = correctly classified both clean and after the attack. "
         "`loss` is the objective the attack maximised.",
         "",
-        "| attack | threat | norm | eps | loss | robust acc % | n | settings | time s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "Success = share of the clean-correct examples the attack fooled: for a targeted "
+        "attack (marked `t`: JSMA, C&W) those classified as *its target*, otherwise those "
+        "misclassified. Robust accuracy counts any misclassification, also for the targeted "
+        "attacks (the paper's \"accuracy under attack\"). Mean L0 (features changed) and "
+        "mean L2 are over the successful examples only.",
+        "",
+        "| attack | threat | norm | eps | loss | robust acc % | success % | mean L0 | mean L2 "
+        "| n | settings | time s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["results"]:
         lines.append(_record_row(r))
@@ -662,7 +723,18 @@ def _record_row(r: Mapping[str, Any]) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
     src = r["threat"] + ("" if r["source"] == "self" else f" from {r['source']}")
     return (f"| {r['label']} | {src} | {r['norm']} | {_eps_str(r['eps'])} | {r['loss']} | "
-            f"{_pct(r['robust_accuracy'])} | {r['n']} | {settings} | {r['wall_time_s']:.1f} |")
+            f"{_pct(r['robust_accuracy'])} | {success_cell(r)} | "
+            f"{_num(r.get('mean_l0'), '.1f')} | {_num(r.get('mean_l2'), '.4f')} | "
+            f"{r['n']} | {settings} | {r['wall_time_s']:.1f} |")
+
+
+def success_cell(r: Mapping[str, Any]) -> str:
+    """``62.50 t`` for a targeted success rate, ``62.50`` otherwise (``n/a`` if absent)."""
+    return _pct(r.get("success_rate")) + (" t" if r.get("targeted") else "")
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
 
 
 def write_report(out_dir: str, report: Mapping[str, Any], *,

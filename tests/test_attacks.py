@@ -315,6 +315,195 @@ def test_bad_inputs_raise():
         A.jsma(fn, x, y)
 
 
+# Short runs of every attack, for the input-validation and dtype tests.
+SHORT = {**{name: kw for name, _, kw in BOUNDED},
+         "jsma": {"gamma": 0.5},
+         "carlini_wagner_l2": {"binary_steps": 2, "steps": 20, "initial_const": 10.0}}
+
+
+def _params(name):
+    return inspect.signature(A.ATTACKS[name]).parameters
+
+
+@pytest.mark.parametrize("name", sorted(A.ATTACKS))
+def test_every_attack_rejects_bad_concrete_inputs_with_one_clear_error(name):
+    """Labels, pixels, eps (any scalar type), step sizes: a ValueError naming
+    the problem, before any compute; the inputs are left untouched."""
+    shape = SHAPES[0]
+    fn = mlp_fn(shape)
+    x, y = data(shape, 2, 0)
+    x_copy, y_copy = x.copy(), y.copy()
+    kw = dict(SHORT.get(name, {}))
+    if "eps" in _params(name):
+        kw["eps"] = 0.1
+    nan_x = x.copy()
+    nan_x[0, 0, 0, 0] = np.nan
+    inf_x = x.copy()
+    inf_x[1, 0, 0, 0] = np.inf
+    cases = [({"y": np.full(2, K, np.int32)}, r"y must lie in \[0, 4\]"),
+             ({"y": np.array([0, -1], np.int32)}, r"y must lie in \[0, 4\]"),
+             ({"x": nan_x}, "NaN"),
+             ({"x": x * 255}, r"x must lie in \[0, 1\].*255"),
+             ({"x": inf_x}, r"x must lie in \[0, 1\]")]
+    if "eps" in _params(name):
+        cases += [({"eps": bad}, "eps must be finite and >= 0")
+                  for bad in (-0.1, np.float32(-0.1), jnp.float32(-0.1), np.nan, np.inf)]
+    if "step_size" in _params(name):
+        cases += [({"step_size": bad}, "step_size must be finite and > 0")
+                  for bad in (-0.01, 0.0, np.float32(-0.01), np.nan)]
+    if "targets" in _params(name):
+        cases += [({"targets": np.array([1, K], np.int32)}, r"targets must lie in \[0, 4\]")]
+    if name == "carlini_wagner_l2":
+        cases += [({"learning_rate": -1e-2}, "learning_rate must be finite and > 0"),
+                  ({"initial_const": 0.0}, "initial_const must be finite and > 0"),
+                  ({"confidence": -1.0}, "confidence must be finite and >= 0")]
+    if name == "jsma":
+        cases += [({"margin": -0.01}, "margin must be finite and >= 0"),
+                  ({"margin": 1.0}, "margin must be < 1")]
+    for bad, message in cases:
+        args = {"x": x, "y": y, **kw, **bad}
+        with pytest.raises(ValueError, match=message):
+            A.ATTACKS[name](fn, args.pop("x"), args.pop("y"), key=jax.random.key(0), **args)
+    np.testing.assert_array_equal(x, x_copy)
+    np.testing.assert_array_equal(y, y_copy)
+
+
+def test_traced_bad_eps_gives_nan_not_a_wrong_way_move():
+    """Under jit the checks cannot see values: a negative eps must not act as |eps|."""
+    shape = SHAPES[0]
+    fn = mlp_fn(shape)
+    x, y = data(shape, 2, 0)
+    for name in ("fgsm", "pgd", "apgd", "square"):
+        kw = SHORT[name]
+        run = jax.jit(lambda e, v: A.ATTACKS[name](fn, v, y, key=jax.random.key(0), eps=e, **kw))
+        assert np.all(np.isnan(np.asarray(run(-0.1, x)))), name
+        good = np.asarray(run(0.1, x))
+        assert np.all(np.isfinite(good)) and linf(good, x).max() <= 0.1 + 1e-6, name
+
+
+def test_every_attack_accepts_bfloat16_and_stays_in_its_ball_exactly():
+    """bfloat16 in, bfloat16 out: computed in float32 and rounded towards x,
+    so the result is the float32 attack's, and the ball and box hold exactly."""
+    from gce_jax.attacks._common import finish
+    shape, batch = SHAPES[1], 4
+    fn = mlp_fn(shape)
+    x32, y = data(shape, batch, 11)
+    xb = jnp.asarray(x32, jnp.bfloat16)
+    x_exact = np.asarray(xb, np.float32)  # the bfloat16 pixels, exactly
+    eps = 0.1
+    for name in sorted(SHORT):
+        kw = dict(SHORT[name])
+        norm = A.ATTACK_NORMS[name]
+        if "eps" in _params(name):
+            kw["eps"] = eps
+        key = jax.random.key(3)
+        out = A.ATTACKS[name](fn, xb, y, key=key, **kw)
+        assert out.dtype == jnp.bfloat16, name
+        o = np.asarray(out, np.float32)
+        assert np.all(np.isfinite(o)) and o.min() >= 0.0 and o.max() <= 1.0, name
+        if norm == "linf":
+            assert linf(o, x_exact).max() <= np.float32(eps), (name, linf(o, x_exact))
+        elif norm == "l2":
+            assert l2(o, x_exact).max() <= eps * (1 + 1e-6) + 1e-6, name
+        # The float32 attack on the same pixels, rounded towards x.
+        ref = A.ATTACKS[name](fn, x_exact, y, key=key, **kw)
+        np.testing.assert_array_equal(o, np.asarray(finish(ref, xb), np.float32), err_msg=name)
+        assert not np.array_equal(o, x_exact), name  # the attack did something
+
+
+def test_finish_rounds_towards_the_clean_input():
+    from gce_jax.attacks._common import finish
+    x = jnp.asarray([0.5, 0.5, 0.25, 1.0], jnp.bfloat16)
+    # Nearest bfloat16 beyond x_adv (seen from x) -> its neighbour on x's side:
+    # 0.5037 -> 0.50390625 -> 0.5; 0.9940 -> 0.9921875 -> 0.99609375.
+    # Nearest already on x's side: kept (0.4991 -> 0.5, 0.2520 -> 0.251953125).
+    x_adv = jnp.asarray([0.5037, 0.4991, 0.2520, 0.9940], jnp.float32)
+    out = np.asarray(finish(x_adv, x), np.float32)
+    assert out.tolist() == [0.5, 0.5, 0.251953125, 0.99609375]
+    assert np.all(np.abs(out - np.asarray(x, np.float32))
+                  <= np.abs(np.asarray(x_adv) - np.asarray(x, np.float32)))
+
+
+# ----------------------------------------------------------------------------- JSMA
+def test_jsma_pair_choice_matches_brute_force():
+    from gce_jax.attacks.jsma import _best_pair
+    rng = np.random.RandomState(0)
+    n = 23
+    a = rng.randn(6, n).astype(np.float32)
+    b = rng.randn(6, n).astype(np.float32)
+    dom = rng.rand(6, n) < 0.7
+    dom[5] = False
+    dom[5, :2] = True
+    for increase in (True, False):
+        sa, sb = (a, b) if increase else (-a, -b)
+        for rows in (n, 5):  # one block, and blocks of rows with a padded tail
+            ok, p, q = (np.asarray(v) for v in _best_pair(jnp.asarray(a), jnp.asarray(b),
+                                                          jnp.asarray(dom), increase, rows))
+            for i in range(6):
+                best, pair = 0.0, None
+                for u in range(n):
+                    for v in range(n):
+                        if u == v or not (dom[i, u] and dom[i, v]):
+                            continue
+                        sab, sbb = sa[i, u] + sa[i, v], sb[i, u] + sb[i, v]
+                        if sab > 0 and sbb < 0 and -sab * sbb > best:
+                            best, pair = -sab * sbb, {u, v}
+                assert ok[i] == (pair is not None), (increase, rows, i)
+                if pair is not None:
+                    assert {int(p[i]), int(q[i])} == pair, (increase, rows, i)
+
+
+def _saturated_jsma_problem(theta):
+    """A linear 2-class model with a known JSMA answer.
+
+    Logits ``(-s, s)`` with ``s = w.x + c``: class 1 (the target) iff s > 0.
+    Features 0-1 (weight 2, the most salient) sit at 0.995, saturated; 2-5
+    (weight 1) at 0; the rest (weight 0) at 0.5. The target needs s to rise by
+    1.5: one pair of the weight-1 features (+2) does it, the saturated pair
+    (+0.02) cannot. For theta = -1 the picture is mirrored (x -> 1 - x, w -> -w).
+    """
+    n = 16
+    w = np.zeros(n, np.float32)
+    w[:2], w[2:6] = 2.0, 1.0
+    x = np.full(n, 0.5, np.float32)
+    x[:2], x[2:6] = 0.995, 0.0
+    if theta < 0:
+        w, x = -w, (1.0 - x).astype(np.float32)
+    c = -float(w @ x) - 1.5
+    fn = lambda v: jnp.stack([-(v.reshape(v.shape[0], -1) @ w + c),
+                              v.reshape(v.shape[0], -1) @ w + c], axis=-1)
+    return fn, x[None], np.zeros(1, np.int32), np.ones(1, np.int32)
+
+
+@pytest.mark.parametrize("theta", [1.0, -1.0])
+def test_jsma_margin_skips_saturated_pixels_and_succeeds_with_fewer_changes(theta):
+    fn, x, y, t = _saturated_jsma_problem(theta)
+    saturated, fresh = np.arange(16) < 2, (np.arange(16) >= 2) & (np.arange(16) < 6)
+    runs = {}
+    for margin in (0.0, 0.01):
+        for gamma in (2 / 16, 0.5):  # 1 iteration; 4 iterations
+            out = np.asarray(A.jsma(fn, x, y, targets=t, theta=theta, gamma=gamma,
+                                    margin=margin))
+            runs[margin, gamma] = (out[0] != x[0], int(np.argmax(fn(out)[0])) == 1)
+    # margin 0 (cleverhans' rule): the first iteration spends itself on the
+    # saturated pair, so one iteration fails and the success changes 4 pixels.
+    changed, hit = runs[0.0, 2 / 16]
+    assert not hit and np.array_equal(changed, saturated)
+    changed, hit = runs[0.0, 0.5]
+    assert hit and changed.sum() == 4 and np.all(changed[saturated])
+    # margin 0.01: the saturated pixels are outside the domain; one pair suffices.
+    for gamma in (2 / 16, 0.5):
+        changed, hit = runs[0.01, gamma]
+        assert hit and changed.sum() == 2 and np.all(changed <= fresh)
+
+
+def test_jsma_iteration_budget_is_the_floor_of_gamma_n_over_2():
+    from gce_jax.attacks.jsma import max_iterations
+    assert max_iterations(0.1, 784) == 39  # 78.4 / 2: at most 78 <= gamma N pixels
+    assert max_iterations(0.25, 784) == 98 and max_iterations(2 / 16, 16) == 1
+    assert A.attack_spec("jsma")["margin"] == 0.01
+
+
 # ----------------------------------------------------------------------------- objectives
 def test_objectives_known_values():
     z = jnp.array([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 5.0, 1.0]])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gce_jax import evaluation as E
-from gce_jax.attacks import ATTACKS
+from gce_jax.attacks import ATTACKS, draw_targets
 
 # Pinned on purpose: robustness.json is parsed by tables and plots downstream.
 # Changing these needs a SCHEMA_VERSION bump, not just an edit here.
@@ -23,7 +23,8 @@ REPORT_KEYS = [
 RECORD_KEYS = [
     "label", "attack", "threat", "norm", "eps", "loss", "settings", "source",
     "n", "seed", "clean_accuracy", "robust_accuracy", "num_clean_correct",
-    "num_robust", "max_linf", "mean_l2", "wall_time_s",
+    "num_robust", "targeted", "success_rate", "num_success", "max_linf", "mean_l0",
+    "mean_l2", "wall_time_s",
 ]
 
 
@@ -88,7 +89,79 @@ def test_robust_mask_is_clean_correct_and_adversarially_correct():
     assert r["robust_accuracy"] == pytest.approx(res.robust.mean())
     assert r["clean_accuracy"] == pytest.approx(clean.mean())
     assert r["max_linf"] == pytest.approx(0.3, abs=1e-6) and r["threat"] == "white-box"
+    # Untargeted success: the clean-correct examples the attack misclassified;
+    # darkening by 0.3 changes every pixel, except those already below 0.3.
+    fooled = clean & ~adv
+    assert not r["targeted"] and r["num_success"] == fooled.sum()
+    assert r["success_rate"] == pytest.approx(fooled.sum() / clean.sum())
+    xs = x[fooled].reshape(fooled.sum(), -1)
+    moved = np.clip(xs - 0.3, 0, 1) != xs
+    assert r["mean_l0"] == pytest.approx(moved.sum(1).mean())
+    assert r["mean_l2"] == pytest.approx(
+        np.sqrt(((np.clip(xs - 0.3, 0, 1) - xs) ** 2).sum(1)).mean(), rel=1e-5)
     assert ev.run(spec("darken", 0.3)) is res  # cached
+
+
+def three_class_logits(x):
+    """Class k iff the mean pixel is nearest CENTERS[k]."""
+    m = jnp.mean(x, axis=(1, 2, 3))
+    return -jnp.abs(m[:, None] - jnp.asarray(CENTERS)[None, :])
+
+
+CENTERS = (1 / 6, 1 / 2, 5 / 6)
+
+
+def to_class_center(fn, x, y, *, key, targets=None, example_offset=0, **kw):
+    """Targeted double: draws targets as the library's attacks do; even
+    examples move to their target's centre, odd ones to the third class."""
+    t = draw_targets(key, y, 3, example_offset) if targets is None else targets
+    third = 3 - y - t
+    idx = example_offset + jnp.arange(x.shape[0])
+    dest = jnp.where(idx % 2 == 0, t, third)
+    return jnp.broadcast_to(jnp.asarray(CENTERS)[dest][:, None, None, None], x.shape)
+
+
+def test_targeted_success_counts_only_the_target_and_averages_distances_over_successes():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 40).astype(np.int32)
+    x = (np.asarray(CENTERS, np.float32)[y][:, None, None, None]
+         + rng.uniform(-0.1, 0.1, (40, 3, 3, 1))).astype(np.float32)
+    y[:4] = (y[:4] + 1) % 3  # clean errors: never attacked successfully
+    reg = {"to_center": to_class_center}
+    spec_ = E.AttackSpec("to_center", None, loss=None, threat_norm="l2")
+    records = []
+    for bs in (40, 7):  # the targets follow the example index, not the batch
+        ev = E.Evaluator(three_class_logits, x, y, batch_size=bs, registry=reg,
+                         progress=False)
+        res = ev.run(spec_)
+        records.append(res.record)
+        r = res.record
+        clean = ev.clean_correct
+        assert clean.sum() == 36
+        even = clean & (np.arange(40) % 2 == 0)
+        assert r["targeted"] and r["num_robust"] == 0  # every example misclassified ...
+        assert r["num_success"] == even.sum()  # ... but only the even ones hit the target
+        assert r["success_rate"] == pytest.approx(even.sum() / clean.sum())
+        restart0 = jax.random.fold_in(ev.spec_key(spec_), 0)
+        t = np.asarray(draw_targets(restart0, y, 3))
+        dist = np.sqrt(((x - np.asarray(CENTERS, np.float32)[t][:, None, None, None]) ** 2
+                        ).reshape(40, -1).sum(1))
+        assert r["mean_l2"] == pytest.approx(dist[even].mean(), rel=1e-5)
+        assert r["mean_l0"] == 9.0
+    assert records[0]["success_rate"] == records[1]["success_rate"]
+    md = E.report_to_markdown(_report(ev, [res]))
+    row = next(l for l in md.splitlines() if l.startswith("| to_center"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5:9] == ["0.00", f"{100 * r['success_rate']:.2f} t", "9.0",
+                          f"{r['mean_l2']:.4f}"]
+
+
+def test_no_success_records_none_distances():
+    ev = evaluator()
+    r = ev.run(spec("darken", 0.0)).record
+    assert r["num_success"] == 0 and r["success_rate"] == 0.0
+    assert r["mean_l0"] is None and r["mean_l2"] is None
+    assert "| 0.00 | n/a | n/a |" in E.report_to_markdown(_report(ev, [ev.run(spec("darken", 0.0))]))
 
 
 def test_batching_and_padding_do_not_change_results():
@@ -169,7 +242,7 @@ def test_report_schema_is_stable_and_markdown_ends_with_verdict(tmp_path):
     jpath, mpath = E.write_report(str(tmp_path), report)
     loaded = json.load(open(jpath))
     assert list(loaded) == REPORT_KEYS
-    assert loaded["schema_version"] == 1
+    assert loaded["schema_version"] == 2
     assert all(list(r) == RECORD_KEYS for r in loaded["results"])
     assert {"platform", "devices"} <= set(loaded["hardware"])
     assert {"commit", "dirty"} <= set(loaded["git"])
@@ -330,5 +403,10 @@ def test_evaluation_is_independent_of_batch_size_and_device_count():
             b = other.run(s)
             np.testing.assert_array_equal(b.robust, a.robust, err_msg=s.label)
             assert b.record["max_linf"] == pytest.approx(a.record["max_linf"], abs=1e-6)
-            assert b.record["mean_l2"] == pytest.approx(a.record["mean_l2"], rel=1e-4, abs=1e-6)
+            for k in ("success_rate", "num_success", "targeted"):
+                assert b.record[k] == a.record[k], (s.label, k)
+            for k in ("mean_l0", "mean_l2"):
+                assert (b.record[k] is None) == (a.record[k] is None), (s.label, k)
+                if a.record[k] is not None:
+                    assert b.record[k] == pytest.approx(a.record[k], rel=1e-4, abs=1e-6)
     assert any(0 < one.run(s).robust.sum() < one.clean_correct.sum() for s in specs)

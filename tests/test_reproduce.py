@@ -182,3 +182,48 @@ def test_variables_fingerprint_sees_values_shapes_and_names():
     assert variables_fingerprint({"params": {**v["params"], "w": w2}}) != fp
     assert variables_fingerprint({"params": {**v["params"], "w": v["params"]["w"].reshape(3, 2)}}) != fp
     assert variables_fingerprint({"params": {"w2": v["params"]["w"], "b": v["params"]["b"]}}) != fp
+
+
+def test_jsma_and_cw_rows_get_targeted_success_and_distortion_columns():
+    def rec(attack, acc, success, l0, l2, **settings):
+        return {"attack": attack, "loss": None, "eps": None, "robust_accuracy": acc, "n": 100,
+                "settings": settings, "targeted": True, "success_rate": success,
+                "num_success": 50, "mean_l0": l0, "mean_l2": l2}
+    reports = {v: {"main": [], "slow": {"results": [
+        rec("jsma", 0.02, s, 57.25, 3.0, gamma=0.25), rec("carlini_wagner_l2", 0.0, s, 784.0, d)]}}
+        for v, s, d in (("xe", 0.66, 1.2345), ("gce", 0.261, None))}
+    table = {"mnist": {("fgsm", 0.1): (78.32, 87.66), ("jsma", 0.25): (1.53, 26.24),
+                       ("cw", 0.0): (0.0, 25.6)}}
+    rows = reproduce._attack_rows("mnist", table, reports, ("xe", "gce"))
+    lines = reproduce._success_table_md(rows, ("xe", "gce"))
+    assert "accuracy under attack" in lines[1]
+    body = [[c.strip() for c in l.strip("|").split("|")] for l in lines if l.startswith("| ")][1:]
+    assert body == [["JSMA", "γ=0.25", "66.00", "L0 57.2", "26.10", "L0 57.2", "100"],
+                    ["CW", "κ=0", "66.00", "L2 1.234", "26.10", "n/a", "100"]]
+    assert reproduce._success_table_md([r for r in rows if r[0] == "fgsm"], ("xe", "gce")) == []
+
+
+def test_reports_without_a_current_attack_setting_are_not_reused(tmp_path, monkeypatch):
+    from experiments import evaluate
+    from gce_jax.attacks import attack_spec
+    jsma_now = {k: v for k, v in attack_spec("jsma").items()
+                if k not in ("attack", "norm", "loss", "eps", "example_offset")}
+    assert "margin" in jsma_now
+    old = {k: v for k, v in jsma_now.items() if k != "margin"}
+    assert reproduce.records_current_settings({"results": [
+        {"attack": "jsma", "settings": {**jsma_now, "restarts": 1}}]})
+    assert not reproduce.records_current_settings({"results": [
+        {"attack": "jsma", "settings": {**old, "restarts": 1}}]})
+    assert reproduce.records_current_settings({"results": [{"attack": "double", "settings": {}}]})
+    # evaluate_run: same command and weights, but JSMA has gained `margin` since.
+    workdir = str(tmp_path / "runs" / "r")
+    report = {"command": f"python -m experiments.evaluate --workdir {workdir} --out x "
+                         "--no_progress --attacks jsma --n 8",
+              "model": {"variables_sha256": "aaa"},
+              "results": [{"attack": "jsma", "settings": {**old, "restarts": 1}}]}
+    (tmp_path / "evals" / "r").mkdir(parents=True)
+    (tmp_path / "evals" / "r" / "robustness.json").write_text(json.dumps(report))
+    monkeypatch.setattr(evaluate, "run", lambda parsed, args: {"new": 1})
+    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "aaa")
+    assert reproduce.evaluate_run("r", str(tmp_path / "runs"), str(tmp_path / "evals"),
+                                  ["--attacks", "jsma", "--n", "8"]) == {"new": 1}

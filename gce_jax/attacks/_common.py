@@ -22,6 +22,37 @@ it as an ordinary (non-static) argument:
 Scalars such as ``eps`` and step sizes are traced too (changing them does not
 recompile); iteration counts, loss names and chunk sizes are static.
 
+Input checks, and what jit cannot check
+---------------------------------------
+:func:`check_inputs` is the one validator every attack calls before any
+compute. On concrete values it raises ``ValueError`` for labels outside
+``[0, K)``, pixels that are NaN, infinite or outside [0, 1] (e.g. images in
+[0, 255]), an ``eps`` that is negative, NaN or infinite -- Python, numpy and
+jax scalars alike -- and a step size that is not finite and > 0. Shapes and
+dtypes are checked always.
+
+Under an enclosing ``jax.jit`` the values are tracers and cannot be checked
+without a device round trip, so they pass unchecked, with these effects:
+
+* an ``eps`` that is negative, NaN or infinite becomes NaN inside the attack
+  (:func:`budget`): the output is NaN, never a perturbation in the wrong
+  direction (the evaluator rejects non-finite outputs);
+* NaN pixels give NaN outputs for those examples;
+* pixels outside [0, 1] are clipped into the box by the projections, so the
+  output may lie farther than ``eps`` from such an ``x``;
+* an out-of-range label one-hot encodes to all zeros: the attack optimises a
+  meaningless objective (the output still respects the ball and the box);
+* a negative step size descends the objective (still inside the ball).
+
+Precision
+---------
+Attacks compute in at least float32 (:func:`working_precision`): bfloat16 or
+float16 inputs are upcast inside the compiled attack, and :func:`finish`
+rounds the float32 result back to the input dtype *towards the clean input*,
+so no coordinate ends farther from ``x`` than in float32. The eps-balls and
+[0, 1] therefore hold exactly in the input dtype; the only change is the
+rounding of each coordinate to that dtype.
+
 Per-example randomness
 ----------------------
 The key is folded with each example's index in the batch (``fold_in(key, i)``),
@@ -38,6 +69,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial
 
 from gce_jax.models import logits_fn as models_logits_fn
@@ -60,19 +92,96 @@ def as_partial(logits_fn: LogitsFn) -> Partial:
     return Partial(logits_fn)
 
 
-def check_inputs(x: Any, y: Any) -> tuple[Array, Array]:
-    """Converts to jnp arrays and checks the shapes the attacks rely on."""
+def _is_traced(v: Any) -> bool:
+    return isinstance(v, jax.core.Tracer)
+
+
+def check_scalar(name: str, value: Any, *, positive: bool = False) -> None:
+    """Raises ``ValueError`` unless a concrete ``value`` is finite and >= 0
+    (> 0 when ``positive``). Python, numpy and jax scalars are all checked (a
+    negative ``np.float32`` is as wrong as a negative float); ``None`` and
+    traced values pass (see the module docstring).
+    """
+    if value is None or _is_traced(value):
+        return
+    try:
+        v = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    bad = ~np.isfinite(v) | ((v <= 0) if positive else (v < 0))
+    if np.any(bad):
+        shown = f"{v.item():g}" if v.ndim == 0 else str(value)
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, "
+                         f"got {shown}")
+
+
+def check_labels(labels: Any, batch: int, num_classes: int | None = None,
+                 name: str = "y") -> Array:
+    """Integer class ids of shape ``[batch]``, in ``[0, num_classes)`` when concrete."""
+    labels = jnp.asarray(labels)
+    if labels.shape != (batch,):
+        raise ValueError(f"{name} must have shape [B] = ({batch},), got {labels.shape}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"{name} must be integer class ids, got dtype {labels.dtype}")
+    if num_classes is not None and labels.size and not _is_traced(labels):
+        lo, hi = (int(v) for v in jax.device_get((jnp.min(labels), jnp.max(labels))))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes - 1}] for {num_classes} "
+                             f"classes; got values in [{lo}, {hi}]")
+    return labels.astype(jnp.int32)
+
+
+def _check_pixels(x: Any) -> None:
+    if _is_traced(x) or x.size == 0:
+        return
+    if isinstance(x, np.ndarray):
+        lo, hi = float(np.min(x)), float(np.max(x))
+    else:
+        lo, hi = (float(v) for v in jax.device_get((jnp.min(x), jnp.max(x))))
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError("x contains NaN; attack inputs must be finite pixels in [0, 1]")
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"x must lie in [0, 1] (finite); got values in [{lo:g}, {hi:g}]"
+                         + (" -- scale images in [0, 255] by 1/255" if hi > 1.5 else ""))
+
+
+def check_inputs(x: Any, y: Any, *, logits_fn: LogitsFn | None = None,
+                 eps: Any = None, step_size: Any = None) -> tuple[Array, Array]:
+    """The one input validator of every attack (rules in the module docstring).
+
+    Converts to jnp arrays (labels to int32) and checks the shapes the attacks
+    rely on; on concrete values also pixels in [0, 1], labels in ``[0, K)``
+    with ``K`` from ``logits_fn`` (when given), ``eps >= 0`` and
+    ``step_size > 0`` (each when given), all finite.
+    """
+    x_in = x
     x = jnp.asarray(x)
-    y = jnp.asarray(y)
     if x.ndim < 2:
         raise ValueError(f"x must be a batch [B, ...] with B >= 1, got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be floating point in [0, 1], got dtype {x.dtype}")
-    if y.shape != x.shape[:1]:
-        raise ValueError(f"y must have shape [B] = {x.shape[:1]}, got {y.shape}")
-    if not jnp.issubdtype(y.dtype, jnp.integer):
-        raise TypeError(f"y must be integer class ids, got dtype {y.dtype}")
-    return x, y.astype(jnp.int32)
+    k = None if logits_fn is None else num_classes(as_partial(logits_fn), x)
+    y = check_labels(y, x.shape[0], k)
+    # numpy input is range-checked on the host (no device reduction).
+    _check_pixels(x_in if isinstance(x_in, np.ndarray) else x)
+    check_scalar("eps", eps)
+    check_scalar("step_size", step_size, positive=True)
+    return x, y
+
+
+def working_precision(x: Array) -> Array:
+    """``x`` in float32 when its dtype is narrower (bfloat16, float16)."""
+    return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
+
+
+def budget(eps: Any, dtype: Any = jnp.float32) -> Array:
+    """``eps`` as a (traced) scalar in ``dtype``; NaN unless finite and >= 0.
+
+    Concrete values were checked by :func:`check_inputs`; a bad traced value
+    turns the attack's output into NaN instead of a silent wrong move.
+    """
+    eps = jnp.asarray(eps, dtype)
+    return jnp.where(jnp.isfinite(eps) & (eps >= 0), eps, jnp.nan)
 
 
 def example_keys(key: Array, batch: int, offset: Any = 0) -> Array:
@@ -165,5 +274,16 @@ def run_chunked(core: Callable[..., Array], batch_chunk: int | None,
 
 
 def finish(x_adv: Array, x: Array) -> Array:
-    """Attack results are data, never part of a differentiated graph."""
-    return jax.lax.stop_gradient(x_adv.astype(x.dtype))
+    """The attack's result in ``x``'s dtype, gradient-stopped (results are data).
+
+    A narrower dtype than the computation's is rounded towards ``x``: the
+    nearest representable value, or its neighbour on ``x``'s side when the
+    nearest lies farther from ``x`` than ``x_adv`` does. ``x`` itself is
+    representable, so every coordinate's distance to ``x`` can only shrink.
+    """
+    out = x_adv.astype(x.dtype)
+    if x_adv.dtype != x.dtype:
+        wide = x.astype(x_adv.dtype)
+        away = jnp.abs(out.astype(x_adv.dtype) - wide) > jnp.abs(x_adv - wide)
+        out = jnp.where(away, jnp.nextafter(out, x), out)
+    return jax.lax.stop_gradient(out)

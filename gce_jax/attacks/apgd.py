@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gce_jax.attacks._common import (Array, LogitsFn, as_partial, check_inputs,
-                                     example_keys, finish, linf_project, run_chunked)
+from gce_jax.attacks._common import (Array, LogitsFn, as_partial, budget, check_inputs,
+                                     example_keys, finish, linf_project, run_chunked,
+                                     working_precision)
 from gce_jax.attacks.gradient import _random_start
 from gce_jax.attacks.objectives import get_objective
 
@@ -154,11 +155,12 @@ def _apgd_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array, *,
 def _apgd_jit(fn, x, y, key, eps, example_offset, *, steps, n_restarts, loss, rho, momentum,
               batch_chunk):
     keys = example_keys(key, x.shape[0], example_offset)
-    eps = jnp.asarray(eps, x.dtype)
+    x_in, x = x, working_precision(x)
+    eps = budget(eps, x.dtype)
     core = functools.partial(_apgd_core, fn, eps=eps, steps=steps,
                              n_restarts=n_restarts, loss=loss, rho=rho,
                              momentum=momentum)
-    return finish(run_chunked(core, batch_chunk, x, y, keys), x)
+    return finish(run_chunked(core, batch_chunk, x, y, keys), x_in)
 
 
 def apgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
@@ -180,7 +182,7 @@ def apgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
         batch_chunk: process at most this many examples at once.
         example_offset: index of ``x[0]`` in a larger batch (see ``pgd``).
     """
-    x, y = check_inputs(x, y)
+    x, y = check_inputs(x, y, logits_fn=logits_fn, eps=eps)
     get_objective(loss)
     if steps < 1 or n_restarts < 1:
         raise ValueError(f"steps and n_restarts must be >= 1, got {steps}, {n_restarts}")

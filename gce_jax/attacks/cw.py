@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, check_inputs,
-                                     draw_targets, finish, num_classes,
-                                     run_chunked)
+                                     check_labels, check_scalar, draw_targets, finish,
+                                     num_classes, run_chunked, working_precision)
 
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 _NO_BOUND = 1e10
@@ -135,12 +135,14 @@ def _cw_core(fn: LogitsFn, x: Array, labels: Array, confidence: Array, lr: Array
     "targeted", "binary_steps", "steps", "abort_early", "batch_chunk"))
 def _cw_jit(fn, x, labels, confidence, lr, initial_const, *, targeted,
             binary_steps, steps, abort_early, batch_chunk):
+    # Adam's state and the while_loop carries are float32 whatever the input.
+    x_in, x = x, working_precision(x)
     core = functools.partial(
         _cw_core, fn, confidence=jnp.float32(confidence), lr=jnp.asarray(lr, x.dtype),
         initial_const=jnp.float32(initial_const), targeted=targeted,
         binary_steps=binary_steps, steps=steps,
         abort_early=abort_early)
-    return finish(run_chunked(core, batch_chunk, x, labels), x)
+    return finish(run_chunked(core, batch_chunk, x, labels), x_in)
 
 
 def carlini_wagner_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
@@ -175,14 +177,19 @@ def carlini_wagner_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None 
     Returns:
         ``[B, ...]`` smallest-L2 successful inputs, ``x`` where none was found.
     """
-    x, y = check_inputs(x, y)
     fn = as_partial(logits_fn)
+    x, y = check_inputs(x, y, logits_fn=fn)
+    check_scalar("confidence", confidence)
+    check_scalar("initial_const", initial_const, positive=True)
+    check_scalar("learning_rate", learning_rate, positive=True)
     if targeted:
+        k = num_classes(fn, x)
         if targets is None:
             if key is None:
                 raise ValueError("a targeted C&W attack needs targets or a key")
-            targets = draw_targets(key, y, num_classes(fn, x), example_offset)
-        _, labels = check_inputs(x, targets)
+            labels = draw_targets(key, y, k, example_offset)
+        else:
+            labels = check_labels(targets, x.shape[0], k, name="targets")
     else:
         if targets is not None:
             raise ValueError("targets given but targeted=False")

@@ -25,9 +25,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gce_jax.attacks._common import (Array, LogitsFn, as_partial, check_inputs,
+from gce_jax.attacks._common import (Array, LogitsFn, as_partial, budget, check_inputs,
                                      example_keys, finish, l2_project, linf_project,
-                                     per_example_sum, run_chunked)
+                                     per_example_sum, run_chunked, working_precision)
 from gce_jax.attacks.objectives import signed_objective
 
 
@@ -99,7 +99,8 @@ def _iterative_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
 def _iterative_jit(fn, x, y, key, eps, step_size, mu, example_offset, *, steps, norm,
                    random_start, use_momentum, loss, targeted, early_stop, batch_chunk):
     keys = example_keys(key, x.shape[0], example_offset)
-    eps = jnp.asarray(eps, x.dtype)
+    x_in, x = x, working_precision(x)
+    eps = budget(eps, x.dtype)
     step_size = jnp.asarray(step_size, x.dtype)
     mu = jnp.asarray(mu, x.dtype)
     core = functools.partial(
@@ -107,18 +108,24 @@ def _iterative_jit(fn, x, y, key, eps, step_size, mu, example_offset, *, steps, 
         norm=norm, random_start=random_start, use_momentum=use_momentum,
         loss=loss, targeted=targeted, early_stop=early_stop)
     x_adv = run_chunked(lambda xb, yb, kb: core(xb, yb, kb), batch_chunk, x, y, keys)
-    return finish(x_adv, x)
+    return finish(x_adv, x_in)
 
 
 def _iterative(logits_fn: LogitsFn, x: Any, y: Any, key: Array | None, *, eps: float,
-               step_size: float, steps: int, norm: str = "linf",
+               step_size: float | None, steps: int, step_scale: float = 1.0,
+               norm: str = "linf",
                random_start: bool = False, momentum: float | None = None,
                loss: str = "xe", targeted: bool = False, early_stop: bool = False,
                batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
-    """The single iterative core behind fgsm/bim/pgd/mim/pgd_l2 (see module doc)."""
-    x, y = check_inputs(x, y)
-    if isinstance(eps, (int, float)) and eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    """The single iterative core behind fgsm/bim/pgd/mim/pgd_l2 (see module doc).
+
+    ``step_size=None`` is the derived default ``step_scale * eps / steps``; a
+    given step size must be > 0.
+    """
+    fn = as_partial(logits_fn)
+    x, y = check_inputs(x, y, logits_fn=fn, eps=eps, step_size=step_size)
+    if step_size is None:
+        step_size = step_scale * eps / max(steps, 1)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if key is None:
@@ -127,7 +134,7 @@ def _iterative(logits_fn: LogitsFn, x: Any, y: Any, key: Array | None, *, eps: f
         key = jax.random.key(0)  # unused: the attack is deterministic
     signed_objective(loss, targeted)  # fail fast on unknown loss names
     return _iterative_jit(
-        as_partial(logits_fn), x, y, key, eps, step_size,
+        fn, x, y, key, eps, step_size,
         0.0 if momentum is None else momentum, jnp.asarray(example_offset, jnp.int32),
         steps=int(steps), norm=norm,
         random_start=bool(random_start), use_momentum=momentum is not None,
@@ -155,7 +162,7 @@ def fgsm(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     Returns:
         ``[B, ...]`` adversarial inputs (gradient-stopped).
     """
-    return _iterative(logits_fn, x, y, key, eps=eps, step_size=eps, steps=1,
+    return _iterative(logits_fn, x, y, key, eps=eps, step_size=None, steps=1,
                       loss=loss, targeted=targeted, batch_chunk=batch_chunk)
 
 
@@ -173,8 +180,7 @@ def bim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     control flow); off by default to match the paper. Other arguments as in
     :func:`fgsm`.
     """
-    return _iterative(logits_fn, x, y, key, eps=eps,
-                      step_size=eps / max(steps, 1) if step_size is None else step_size,
+    return _iterative(logits_fn, x, y, key, eps=eps, step_size=step_size,
                       steps=steps, loss=loss, targeted=targeted,
                       early_stop=early_stop, batch_chunk=batch_chunk)
 
@@ -215,8 +221,7 @@ def mim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     The L1 norm is taken per example. Paper defaults: 40 steps, ``decay``
     (mu) 1.0, step ``eps / steps``, start at ``x``.
     """
-    return _iterative(logits_fn, x, y, key, eps=eps,
-                      step_size=eps / max(steps, 1) if step_size is None else step_size,
+    return _iterative(logits_fn, x, y, key, eps=eps, step_size=step_size,
                       steps=steps, momentum=decay, loss=loss, targeted=targeted,
                       early_stop=early_stop, batch_chunk=batch_chunk)
 
@@ -235,8 +240,7 @@ def pgd_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
     ``eps * U^(1/d)``), clipped to [0,1]. Default ``step_size = 2.5 eps / steps``.
     ``example_offset`` as in :func:`pgd`.
     """
-    return _iterative(logits_fn, x, y, key, eps=eps,
-                      step_size=2.5 * eps / max(steps, 1) if step_size is None else step_size,
-                      steps=steps, norm="l2", random_start=random_start, loss=loss,
+    return _iterative(logits_fn, x, y, key, eps=eps, step_size=step_size,
+                      step_scale=2.5, steps=steps, norm="l2", random_start=random_start, loss=loss,
                       targeted=targeted, early_stop=early_stop,
                       batch_chunk=batch_chunk, example_offset=example_offset)

@@ -17,10 +17,21 @@ still in the search domain, pick
 (signs reversed for ``theta < 0``), add ``theta`` to both features (clipped to
 [0,1]; ``theta = +1`` sets them to 1) and remove both from the domain. An
 example stops when it is classified as ``t``, when no pair satisfies the
-conditions, when fewer than two features remain, or after
-``floor(gamma N / 2)`` iterations -- so at most ``gamma N`` features change.
-The initial domain is every feature that ``theta`` can still move (``x < 1``
-for ``theta > 0``).
+conditions, when fewer than two features remain, or after the iteration budget.
+
+Search domain: every feature that can still move by a useful amount towards
+``theta``'s side, ``x < 1 - margin`` for ``theta > 0`` and ``x > margin`` for
+``theta < 0``. The default ``margin = 0.01`` leaves out saturated pixels (MNIST
+strokes hold many in [0.99, 1)): moving one of them changes the input by less
+than 0.01 yet spends half an iteration. ``margin = 0`` is cleverhans' rule
+(``x < 1``); torchattacks uses ``x < 0.99``.
+
+Iteration budget (the paper's): the maximum distortion ``gamma`` is a fraction
+of the ``N`` features and each iteration changes two, so the attack runs at
+most :func:`max_iterations` ``= floor(gamma N / 2)`` iterations and changes at
+most ``gamma N`` features. The floor is what keeps that bound; rounding up
+(as torchattacks does: 40 iterations for MNIST at gamma = 0.1 where this
+runs 39) can change ``gamma N + 1`` features.
 
 The pair scores are an ``N x N`` matrix per example. They are computed for
 ``batch_chunk`` examples at a time, and in blocks of rows when even one
@@ -37,8 +48,8 @@ import jax
 import jax.numpy as jnp
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, check_inputs,
-                                     draw_targets, finish,
-                                     num_classes, run_chunked)
+                                     check_labels, check_scalar, draw_targets, finish,
+                                     num_classes, run_chunked, working_precision)
 
 # Pair scores per step of the chunked search (examples x rows x N). They are
 # normally fused into a reduction and never stored; the bound keeps memory
@@ -106,8 +117,13 @@ def _best_pair(a: Array, b: Array, dom: Array, increase: bool, rows: int):
     return best > 0, p, q
 
 
-def _jsma_core(fn: LogitsFn, x: Array, t: Array, *, theta: float, max_iters: int,
-               rows: int) -> Array:
+def max_iterations(gamma: float, num_features: int) -> int:
+    """The iteration budget ``floor(gamma N / 2)`` (two features per iteration)."""
+    return int(math.floor(gamma * num_features / 2))
+
+
+def _jsma_core(fn: LogitsFn, x: Array, t: Array, margin: Array, *, theta: float,
+               max_iters: int, rows: int) -> Array:
     bsz = x.shape[0]
     xf = x.reshape(bsz, -1)
     n = xf.shape[1]
@@ -135,7 +151,7 @@ def _jsma_core(fn: LogitsFn, x: Array, t: Array, *, theta: float, max_iters: int
         done = done | ~active
         return it + 1, xa, dom, done
 
-    dom0 = (xf < 1.0) if increase else (xf > 0.0)
+    dom0 = (xf < 1.0 - margin) if increase else (xf > margin)
     state = (0, xf, dom0, jnp.zeros((bsz,), bool))
     _, xa, _, _ = jax.lax.while_loop(cond, body, state)
     return xa.reshape(x.shape)
@@ -143,15 +159,16 @@ def _jsma_core(fn: LogitsFn, x: Array, t: Array, *, theta: float, max_iters: int
 
 @functools.partial(jax.jit, static_argnames=(
     "theta", "max_iters", "rows", "batch_chunk"))
-def _jsma_jit(fn, x, t, *, theta, max_iters, rows, batch_chunk):
-    core = functools.partial(_jsma_core, fn, theta=theta, max_iters=max_iters,
-                             rows=rows)
-    return finish(run_chunked(core, batch_chunk, x, t), x)
+def _jsma_jit(fn, x, t, margin, *, theta, max_iters, rows, batch_chunk):
+    x_in, x = x, working_precision(x)
+    core = functools.partial(_jsma_core, fn, margin=jnp.asarray(margin, x.dtype),
+                             theta=theta, max_iters=max_iters, rows=rows)
+    return finish(run_chunked(core, batch_chunk, x, t), x_in)
 
 
 def jsma(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
          targets: Any = None, theta: float = 1.0, gamma: float = 0.25,
-         batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
+         margin: float = 0.01, batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
     """Targeted JSMA (algorithm in the module docstring).
 
     Defaults: ``theta = +1`` (the paper's "perturbation eps = 1"),
@@ -164,7 +181,12 @@ def jsma(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
             ``K - 1`` wrong classes, per example (see ``draw_targets``).
         targets: ``[B]`` target classes, overriding ``key``.
         theta: change applied to each selected feature (sign = direction).
-        gamma: maximum fraction of features changed.
+        gamma: maximum fraction of features changed; the attack runs
+            ``max_iterations(gamma, N) = floor(gamma N / 2)`` iterations at most.
+        margin: a feature is searched only while it can still move by more
+            than ``margin`` towards ``theta``'s side (``x < 1 - margin`` for
+            ``theta > 0``, ``x > margin`` for ``theta < 0``); 0 is
+            cleverhans' rule.
         batch_chunk: examples per chunk; default from the pair-matrix budget.
         example_offset: index of ``x[0]`` in a larger batch, for the target
             draws (see ``pgd``).
@@ -172,21 +194,26 @@ def jsma(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     Returns:
         ``[B, ...]`` adversarial inputs (gradient-stopped).
     """
-    x, y = check_inputs(x, y)
-    if theta == 0:
-        raise ValueError("theta must be non-zero")
+    fn = as_partial(logits_fn)
+    x, y = check_inputs(x, y, logits_fn=fn)
+    if theta == 0 or not math.isfinite(theta):
+        raise ValueError(f"theta must be finite and non-zero, got {theta}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    fn = as_partial(logits_fn)
+    check_scalar("margin", margin)
+    if not margin < 1.0:
+        raise ValueError(f"margin must be < 1 (no feature could move), got {margin}")
+    k = num_classes(fn, x)
     if targets is None:
         if key is None:
             raise ValueError("jsma needs targets or a key to draw them")
-        targets = draw_targets(key, y, num_classes(fn, x), example_offset)
-    _, targets = check_inputs(x, targets)
+        targets = draw_targets(key, y, k, example_offset)
+    else:
+        targets = check_labels(targets, x.shape[0], k, name="targets")
     n = math.prod(x.shape[1:])
-    max_iters = int(math.floor(gamma * n / 2))
+    max_iters = max_iterations(gamma, n)
     rows = n if n * n <= PAIR_BUDGET else max(1, PAIR_BUDGET // n)
     if batch_chunk is None:
         batch_chunk = max(1, PAIR_BUDGET // (rows * n))
-    return _jsma_jit(fn, x, targets, theta=float(theta), max_iters=max_iters,
+    return _jsma_jit(fn, x, targets, margin, theta=float(theta), max_iters=max_iters,
                      rows=rows, batch_chunk=batch_chunk)

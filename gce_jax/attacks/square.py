@@ -28,8 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gce_jax.attacks._common import (Array, LogitsFn, as_partial, check_inputs,
-                                     example_keys, finish, run_chunked)
+from gce_jax.attacks._common import (Array, LogitsFn, as_partial, budget, check_inputs,
+                                     example_keys, finish, run_chunked, working_precision)
 from gce_jax.attacks.objectives import get_objective
 
 _P_THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -104,11 +104,12 @@ def _square_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
 @functools.partial(jax.jit, static_argnames=("n_queries", "loss", "batch_chunk"))
 def _square_jit(fn, x, y, key, eps, p_init, example_offset, *, n_queries, loss, batch_chunk):
     keys = example_keys(key, x.shape[0], example_offset)
-    eps = jnp.asarray(eps, x.dtype)
+    x_in, x = x, working_precision(x)
+    eps = budget(eps, x.dtype)
     p_init = jnp.asarray(p_init, jnp.float32)
     core = functools.partial(_square_core, fn, eps=eps, p_init=p_init,
                              n_queries=n_queries, loss=loss)
-    return finish(run_chunked(core, batch_chunk, x, y, keys), x)
+    return finish(run_chunked(core, batch_chunk, x, y, keys), x_in)
 
 
 def square(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
@@ -129,7 +130,7 @@ def square(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
         batch_chunk: process at most this many examples at once.
         example_offset: index of ``x[0]`` in a larger batch (see ``pgd``).
     """
-    x, y = check_inputs(x, y)
+    x, y = check_inputs(x, y, logits_fn=logits_fn, eps=eps)
     get_objective(loss)
     if x.ndim not in (3, 4) or min(x.shape[1], x.shape[2]) < 2:
         raise ValueError(f"square needs images [B, H, W(, C)] with H, W >= 2, got {x.shape}")
