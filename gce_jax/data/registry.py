@@ -134,7 +134,8 @@ class DatasetSpec:
         splits = tuple(str(s) for s in self.splits)
         if "train" not in splits or len(set(splits)) != len(splits):
             raise DataError(f"{self.name}: splits must be distinct and include 'train', got {splits}")
-        idx_files = tuple(tuple(str(v) for v in t) for t in self.idx_files)
+        # Sorted: a config (ml_collections sorts keys) and a dict describe the same set.
+        idx_files = tuple(sorted(tuple(str(v) for v in t) for t in self.idx_files))
         if any(len(t) != 3 for t in idx_files):
             raise DataError(f"{self.name}: idx_files entries are (split, images file, labels file)")
         for attr, value in (("formats", formats), ("image_shape", shape), ("num_classes", k),
