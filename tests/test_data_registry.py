@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -44,9 +45,7 @@ def learnable(n: int, seed: int, k: int = len(CLASSES), shape=(28, 28)) -> tuple
     rng = np.random.default_rng(seed)
     y = rng.integers(0, k, n).astype(np.uint8)
     x = rng.integers(0, 60, (n, *shape)).astype(np.uint8)
-    band = shape[0] // k
-    for i, c in enumerate(y):
-        x[i, c * band:(c + 1) * band] = 255
+    x[np.arange(shape[0])[None, :] // (shape[0] // k) == y[:, None]] = 255  # [n, H] rows
     return x, y
 
 
@@ -235,3 +234,14 @@ def test_train_and_evaluate_a_registered_data_set(tmp_path, capsys):
     again = evaluate(tmp_path / "results" / "b")
     assert tuple(again["data"]["class_names"]) == CLASSES
     assert again["results"][0]["robust_accuracy"] == rep["results"][0]["robust_accuracy"]
+
+
+def test_readme_data_set_example_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- readme-data-example")[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    spec = data.get_dataset("fashion_mnist")
+    assert spec.num_classes == 10 and spec.class_names[-1] == "ankle boot"
+    assert scope["model"].num_classes == 10 and tuple(scope["model"].normalize.mean) == (0.286,)
