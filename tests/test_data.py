@@ -772,3 +772,35 @@ def test_batch_rows_are_the_same_rows_of_the_full_batch():
     idx = perm_rng.permutation(100)[:32]
     np.testing.assert_array_equal(
         full[0]["image"], data.augment_batch(ds.images[idx], aug_rng) / np.float32(255))
+
+
+def test_eval_batches_fixed_shape_mask_and_padding():
+    ds = toy(70)
+    got = list(data.eval_batches(ds, 32))
+    assert [b["image"].shape for b in got] == [(32, 8, 8, 3)] * 3
+    assert [int(b["mask"].sum()) for b in got] == [32, 32, 6]
+    # The real rows are exactly the unshuffled batches; padding repeats real rows.
+    plain = np.concatenate([b["image"] for b in data.batches(ds, 32)])
+    real = np.concatenate([b["image"][b["mask"] == 1] for b in got])
+    np.testing.assert_array_equal(real, plain)
+    last = got[-1]
+    np.testing.assert_array_equal(last["label"], np.resize(np.arange(64, 70), 32))
+    np.testing.assert_array_equal(last["image"][6:12], last["image"][:6])
+    # A mapping of arrays is batched as it is (no conversion), with the same mask.
+    keys = np.arange(70, dtype=np.uint32) * 3
+    (b0, b1, b2) = data.eval_batches({"x": ds.images, "k": keys}, 32)
+    assert b2["x"].dtype == np.uint8 and b2["k"][5] == 69 * 3 and b2["k"][6] == 64 * 3
+    assert [s.stop for s in data.batch_slices(70, 32)] == [32, 64, 70]
+    with pytest.raises(ValueError, match="one length"):
+        next(data.eval_batches({"x": ds.images, "k": keys[:3]}, 32))
+
+
+def test_pad_to():
+    a = np.arange(6).reshape(3, 2)
+    np.testing.assert_array_equal(data.pad_to(a, 7)[:, 0], [0, 2, 4, 0, 2, 4, 0])
+    assert data.pad_to(a, 3) is a
+    for size in (2, 0):
+        with pytest.raises(ValueError, match="cannot pad"):
+            data.pad_to(a, size)
+    with pytest.raises(ValueError, match="cannot pad"):
+        data.pad_to(a[:0], 4)

@@ -153,7 +153,7 @@ def eval_batches(data: ArrayDataset | Mapping[str, np.ndarray],
         arrays, convert = data, {}
     lengths = {len(v) for v in arrays.values()}
     if len(lengths) != 1:
-        raise ValueError(f"arrays of different lengths: "
+        raise ValueError("eval_batches needs arrays of one length, got "
                          f"{ {k: len(v) for k, v in arrays.items()} }")
     (n,) = lengths
     for s in batch_slices(n, batch_size):
