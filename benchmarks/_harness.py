@@ -24,13 +24,14 @@ import dataclasses
 import importlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from gce_jax.provenance import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -292,14 +293,7 @@ def hardware_line() -> str:
     """CPU model, core count, load and library versions, on one line."""
     import jax
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     try:
         load = "load avg " + " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:

@@ -161,10 +161,7 @@ def _load_test_set(config, n: int, seed: int):
     from gce_jax import data as data_lib
     split = config.data.get("test_split", "test")
     try:
-        ds = data_lib.load_split(config.dataset, split, data_dir=config.data.get("data_dir"),
-                                 source=config.data.get("source", "auto"))
-        if config.data.get("resize"):
-            ds = data_lib.resize_dataset(ds, tuple(config.data.resize))
+        ds = data_lib.load_config_split(config, split)
     except Exception as e:  # noqa: BLE001
         raise CLIError(f"could not load the {config.dataset} {split} split: "
                        f"{type(e).__name__}: {e}") from None
@@ -176,8 +173,9 @@ def _load_test_set(config, n: int, seed: int):
         # A seeded random subset: test splits may be ordered by class.
         idx = np.sort(np.random.default_rng(seed).permutation(total)[:n])
         selection = f"random subset of {n}/{total} (numpy default_rng({seed}))"
-    info = {"dataset": config.dataset, "split": split, "n": int(len(idx)),
-            "total": total, "selection": selection, "origin": getattr(ds, "origin", "")}
+    info = {"dataset": ds.name, "class_names": ds.class_names, "split": split,
+            "n": int(len(idx)), "total": total, "selection": selection,
+            "origin": getattr(ds, "origin", "")}
     return ds.images[idx], ds.labels[idx], info
 
 
@@ -218,6 +216,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     from gce_jax import plots
     from gce_jax.attacks import inference_logits_fn
     from gce_jax.checkpoint import variables_fingerprint
+    from gce_jax.provenance import portable_path
 
     model, variables, config = _load(args.workdir, args.selection, "--workdir")
     ref = None
@@ -289,7 +288,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "variables_sha256": variables_fingerprint(variables),
     }
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "experiments.evaluate", *argv])
-    report = E.build_report(run=run_name, workdir=os.path.abspath(args.workdir),
+    report = E.build_report(run=run_name, workdir=portable_path(args.workdir),
                             command=command, model=model_info, data=data_info, evaluator=ev,
                             results=results, diagnostics=diag_json, verdict=verdict,
                             extra_results=diag_results)

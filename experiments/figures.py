@@ -6,7 +6,6 @@ Landscapes are computed with the library's own losses, evaluated at logits
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -136,9 +135,3 @@ def tsne_figure(features: dict[str, np.ndarray], labels: np.ndarray, out_path: s
     plt.close(fig)
     return {"png": out_path, "scores": scores, "n": int(len(labels)), "seed": seed}
 
-
-def write_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments import figures, paper_numbers as P
+from gce_jax.provenance import atomic_write, git_info, hardware_line, now_iso, write_json
 
 ALPHAS = {"1/2": 0.5, "1/3": 1 / 3, "1/4": 0.25, "1/5": 0.2}
 CONFIG_MODULES = {"mnist": "mnist_lenet5", "cifar10": "cifar10_resnet56",
@@ -241,27 +242,9 @@ def verdict_mark(report: dict | None) -> str:
 
 
 def write_outputs(out_dir: str, target: str, payload: dict, markdown: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    figures.write_json(payload, os.path.join(out_dir, f"{target}.json"))
-    tmp = os.path.join(out_dir, f"{target}.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(markdown)
-    os.replace(tmp, os.path.join(out_dir, f"{target}.md"))
+    write_json(os.path.join(out_dir, f"{target}.json"), payload, sort_keys=True)
+    atomic_write(os.path.join(out_dir, f"{target}.md"), markdown)
     print(markdown)
-
-
-def hardware_line() -> str:
-    import jax
-    dev = jax.devices()[0]
-    if dev.platform != "cpu":
-        return f"{jax.device_count()} x {dev.device_kind}"
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU only, {os.cpu_count()} cores ({cpu})"
 
 
 def _seeds_str(seeds: dict[str, list[int]]) -> str:
@@ -272,13 +255,12 @@ def _seeds_str(seeds: dict[str, list[int]]) -> str:
 
 def header(target: str, args, extra: str = "") -> str:
     import jax
-    from gce_jax.evaluation import git_info
     cmd = "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in args.argv)
     return (f"# {target}\n\nCommand: `{cmd}`  \nBudget: **{args.budget}**"
             f"{' (mock data: smoke run, numbers meaningless)' if args.mock_data else ''}; "
             f"seeds {_seeds_str(args.seeds)}; hardware: {hardware_line()}; jax {jax.__version__}; "
             f"git {git_info().get('commit', '?')[:10]}"
-            f"; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n{extra}\n")
+            f"; written {now_iso()}.\n{extra}\n")
 
 
 # ------------------------------------------------------------------ targets
@@ -612,8 +594,7 @@ def tsne_target(target: str, args) -> None:
                                     mock=args.mock_data)
             train_run(name, config, args.runs_dir)
             model, variables, config = load_for_eval(os.path.join(args.runs_dir, name))
-            test = data_lib.load_split(config.dataset, "test", data_dir=config.data.data_dir,
-                                       source=config.data.source)
+            test = data_lib.load_config_split(config, "test")
             idx = np.random.default_rng(args.eval_seed).permutation(len(test))[:args.n_tsne]
             x = test.images[idx].astype(np.float32) / 255.0
             apply = jax.jit(lambda v, x: model.apply(v, x, train=False, return_features=True)[1])

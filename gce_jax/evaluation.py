@@ -24,15 +24,10 @@ wires a trained model to this module and to :mod:`gce_jax.diagnostics`.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import inspect
 import json
 import math
 import os
-import platform
-import subprocess
-import sys
-import tempfile
 import time
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -46,6 +41,7 @@ from tqdm.auto import tqdm
 from gce_jax import attacks as _attacks
 from gce_jax import parallel
 from gce_jax.attacks.jsma import max_iterations as jsma_max_iterations
+from gce_jax.provenance import atomic_write, git_info, hardware_info, now_iso
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -560,64 +556,6 @@ def best_robust(results: Sequence[AttackResult]) -> list[dict[str, Any]]:
             "strongest_single": min(r.robust_accuracy for r in rs),
         })
     return out
-
-
-# -------------------------------------------------------------------- environment
-def git_info(repo_dir: str | None = None) -> dict[str, Any]:
-    """Commit hash and whether the working tree had local changes."""
-    repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=repo_dir, capture_output=True,
-                                  text=True, timeout=10, check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
-
-
-def hardware_info() -> dict[str, Any]:
-    """jax devices, backend platform, host and library versions."""
-    devices = jax.devices()
-    return {
-        "platform": jax.default_backend(),
-        "devices": [str(d) for d in devices],
-        "device_kind": devices[0].device_kind if devices else None,
-        "num_devices": len(devices),
-        "host": platform.node(),
-        "machine": platform.machine(),
-        "python": sys.version.split()[0],
-        "jax": jax.__version__,
-    }
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------------- writing
-def atomic_write(path: str, data: str | bytes) -> None:
-    """Writes ``data`` to ``path`` via a temp file in the same directory + rename.
-
-    Readers see either the old file or the complete new one, never a prefix.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def build_report(*, run: str, workdir: str, command: str, model: Mapping[str, Any],

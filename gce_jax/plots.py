@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gce_jax.evaluation import atomic_write  # noqa: E402
+from gce_jax.provenance import atomic_write  # noqa: E402
 
 
 def plot_accuracy_vs_eps(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],

@@ -43,6 +43,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from gce_jax import checkpoint as ckpt_lib
+from gce_jax import data as data_lib
 from gce_jax import losses as losses_lib
 from gce_jax import parallel
 from gce_jax.models import MODEL_NAMES, get_model
@@ -50,7 +51,6 @@ from gce_jax.models import MODEL_NAMES, get_model
 AXIS = parallel.BATCH_AXIS
 
 LOSSES = ("xe", "gce", "complement")
-DATASETS = ("mnist", "cifar10", "cifar100", "tiny_imagenet", "digits")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "piecewise", "cosine")
 METHODS = ("standard", "cot")
@@ -100,7 +100,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     check(isinstance(alpha, (int, float)) and alpha >= 0 and math.isfinite(alpha),
           f"alpha={alpha!r}: must be a finite number >= 0")
     check(get("model") in MODEL_NAMES, f"model={get('model')!r}: expected one of {MODEL_NAMES}")
-    check(get("dataset") in DATASETS, f"dataset={get('dataset')!r}: expected one of {DATASETS}")
+    try:
+        data_lib.dataset_from_config(config)
+    except data_lib.DataError as e:
+        errors.append(f"dataset={get('dataset')!r}: {e}")
     check(get("optimizer.name") in OPTIMIZERS,
           f"optimizer.name={get('optimizer.name')!r}: expected one of {OPTIMIZERS}")
     lr = get("optimizer.learning_rate")
@@ -188,27 +191,18 @@ class Datasets(NamedTuple):
 
 def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
     """Train/val/test ``ArrayDataset``s; the val split is carved out of train."""
-    from gce_jax import data as data_lib
-
-    kw = dict(data_dir=config.data.get("data_dir"), source=config.data.get("source", "auto"))
-    full = data_lib.load_split(config.dataset, "train", **kw)
-    test = data_lib.load_split(config.dataset, config.data.get("test_split", "test"), **kw)
+    full = data_lib.load_config_split(config, "train")
+    test = data_lib.load_config_split(config)
     val = None
     if config.data.val_size > 0:
         full, val = data_lib.train_val_split(full, val_size=config.data.val_size,
                                              seed=config.seed)
-    if config.data.get("resize"):
-        size = tuple(config.data.resize)
-        full, test = (data_lib.resize_dataset(d, size) for d in (full, test))
-        val = None if val is None else data_lib.resize_dataset(val, size)
     return Datasets(full, val, test)
 
 
 def train_batches(ds, config: ml_collections.ConfigDict, epoch: int, *,
                   rows: slice | None = None) -> Iterator[dict]:
     """Epoch ``epoch``'s global batches (or their ``rows``); a pure function of (seed, epoch)."""
-    from gce_jax import data as data_lib
-
     return data_lib.batches(ds, config.batch_size, shuffle=True, seed=config.seed,
                             epoch=epoch, augment=config.data.get("augment", False),
                             drop_remainder=True, rows=rows)
@@ -229,19 +223,7 @@ def prefetch_depth(config: ml_collections.ConfigDict) -> int:
 
 def eval_batches(ds, batch_size: int) -> Iterator[dict]:
     """Fixed-size batches in order; the last one padded, with a 0/1 ``mask``."""
-    from gce_jax import data as data_lib
-
-    for b in data_lib.batches(ds, batch_size, shuffle=False, seed=0, epoch=0,
-                              augment=False, drop_remainder=False):
-        n = b["label"].shape[0]
-        pad = batch_size - n
-        mask = np.ones((batch_size,), np.float32)
-        if pad:
-            # A fixed shape avoids a recompile for the last batch.
-            b = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
-                 for k, v in b.items()}
-            mask[n:] = 0
-        yield {"image": b["image"], "label": b["label"], "mask": mask}
+    return data_lib.eval_batches(ds, batch_size)
 
 
 # --------------------------------------------------------------------------
@@ -251,7 +233,8 @@ def eval_batches(ds, batch_size: int) -> Iterator[dict]:
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
                  *, bn_axis_name: str | None = AXIS) -> nn.Module:
     """The configured model; BatchNorm averages its statistics over ``bn_axis_name``."""
-    return get_model(config.model, num_classes=num_classes, dataset=config.dataset,
+    return get_model(config.model, num_classes=num_classes,
+                     dataset=data_lib.dataset_from_config(config),
                      dtype=DTYPES[config.dtype], bn_axis_name=bn_axis_name)
 
 
@@ -719,6 +702,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         resolved = _config_to_dict(config)
         # What load_for_eval needs to rebuild the model without the data.
         resolved["resolved"] = {
+            "dataset": data_lib.dataset_from_config(config).to_dict(),
             "num_classes": num_classes,
             "input_shape": list(datasets.train.images.shape[1:]),
             "steps_per_epoch": steps_per_epoch, "device_count": int(mesh.devices.size),

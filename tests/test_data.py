@@ -73,8 +73,8 @@ def write_idx(path: Path, arr: np.ndarray, magic: int, gz: bool) -> Path:
 def write_mnist(d: Path, *, gz: bool, n_train=7, n_test=5):
     d.mkdir(parents=True, exist_ok=True)
     out = {}
-    for split, (img, lbl), n, seed in (("train", data._MNIST_FILES["train"], n_train, 1),
-                                        ("test", data._MNIST_FILES["test"], n_test, 2)):
+    for split, (img, lbl), n, seed in (("train", data.layout.MNIST_IDX_FILES["train"], n_train, 1),
+                                        ("test", data.layout.MNIST_IDX_FILES["test"], n_test, 2)):
         x = rand_images(n, (28, 28), seed)
         y = np.random.default_rng(seed).integers(0, 10, n).astype(np.uint8)
         write_idx(d / img, x, 2051, gz)
@@ -288,6 +288,26 @@ def test_missing_dir_and_no_layout(tmp_path):
                  path=tmp_path / "empty", layout=TINY_LAYOUT, root=tmp_path)
     with pytest.raises(DataError, match="data_dir"):
         data.load_split("mnist", "train", source="local")
+
+
+@pytest.mark.parametrize("name,layout", [("mnist", MNIST_LAYOUT), ("cifar10", CIFAR10_LAYOUT),
+                                         ("cifar100", CIFAR100_LAYOUT)])
+def test_auto_source_reports_a_missing_or_empty_data_dir(tmp_path, name, layout):
+    # 'auto' used to fall through to tfds here and blame a missing TensorFlow.
+    missing, empty, unrelated = tmp_path / "nope", tmp_path / "empty", tmp_path / "other"
+    empty.mkdir()
+    (unrelated / "train").mkdir(parents=True)
+    (unrelated / "notes.txt").write_text("not a data set")
+    for data_dir, match in ((missing, "does not exist"), (empty, "holds no known"),
+                            (unrelated, "holds no known")):
+        msg = expect_error(lambda: data.load_split(name, "train", data_dir=data_dir),
+                           path=data_dir, layout=layout, root=tmp_path, match=match)
+        assert "TensorFlow" not in msg and "is not prepared" not in msg, msg
+        assert "\n" not in msg  # one line
+    # Naming tfds explicitly still asks tfds, and says the folder does not exist.
+    if importlib.util.find_spec("tensorflow_datasets") and not importlib.util.find_spec("tensorflow"):
+        with pytest.raises(DataError, match="does not exist"):
+            data.load_split(name, "train", data_dir=missing, source="tfds")
 
 
 # ----------------------------------------------------------------------------- CIFAR pickles
@@ -548,13 +568,17 @@ def test_tfds_mock_exact(tfds, tmp_path, name):
         return [{"image": x[i], "label": np.int64((3 * i + 1) % k), "coarse_label": np.int64(19),
                  "id": f"train_{i}"} for i in range(5)]
 
-    # 'auto' with a data_dir holding no local layout falls back to tfds.
+    # 'auto' with a data_dir that is a tfds data_dir (the set prepared in it) reads tfds.
+    prepared = tmp_path / name / "3.0.1"
+    prepared.mkdir(parents=True)
+    (prepared / "dataset_info.json").write_text("{}")
+    before = snapshot(tmp_path)
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
         ds = data.load_split(name, "test", data_dir=tmp_path)
     assert calls == [(name, "test")]
     np.testing.assert_array_equal(ds.images, x)
     np.testing.assert_array_equal(ds.labels, [(3 * i + 1) % k for i in range(5)])
-    assert not list(tmp_path.iterdir())
+    assert snapshot(tmp_path) == before
 
 
 def test_tfds_bad_records_are_data_errors(tfds, tmp_path):
@@ -701,18 +725,6 @@ def test_batches_property(n, bs, drop, seed):
         np.testing.assert_array_equal(np.sort(labels), np.arange(n))
 
 
-def test_grain_batches():
-    ds = toy(50)
-    g = data.grain_batches(ds, 16, shuffle=True, seed=0, augment=True)
-    assert len(g) == 4
-    labels = np.concatenate([g[i]["label"] for i in range(len(g))])
-    np.testing.assert_array_equal(np.sort(labels), np.arange(50))
-    assert g[0]["image"].shape == (16, 8, 8, 3) and g[0]["image"].dtype == np.float32
-    np.testing.assert_array_equal(g[1]["image"], data.grain_batches(ds, 16, shuffle=True, seed=0,
-                                                                    augment=True)[1]["image"])
-    assert len(data.grain_batches(ds, 16, drop_remainder=True)) == 3
-
-
 def test_train_val_split():
     ds = toy(100)
     train, val = data.train_val_split(ds, val_size=20, seed=0)
@@ -756,7 +768,39 @@ def test_batch_rows_are_the_same_rows_of_the_full_batch():
             np.testing.assert_array_equal(p["image"], f["image"][rows])
     # Without the rows argument nothing changed: augment_batch on the gathered
     # images with the epoch's augmentation stream is still the whole batch.
-    perm_rng, aug_rng = data._epoch_rngs(4, 1)
+    perm_rng, aug_rng = data.pipeline._epoch_rngs(4, 1)
     idx = perm_rng.permutation(100)[:32]
     np.testing.assert_array_equal(
         full[0]["image"], data.augment_batch(ds.images[idx], aug_rng) / np.float32(255))
+
+
+def test_eval_batches_fixed_shape_mask_and_padding():
+    ds = toy(70)
+    got = list(data.eval_batches(ds, 32))
+    assert [b["image"].shape for b in got] == [(32, 8, 8, 3)] * 3
+    assert [int(b["mask"].sum()) for b in got] == [32, 32, 6]
+    # The real rows are exactly the unshuffled batches; padding repeats real rows.
+    plain = np.concatenate([b["image"] for b in data.batches(ds, 32)])
+    real = np.concatenate([b["image"][b["mask"] == 1] for b in got])
+    np.testing.assert_array_equal(real, plain)
+    last = got[-1]
+    np.testing.assert_array_equal(last["label"], np.resize(np.arange(64, 70), 32))
+    np.testing.assert_array_equal(last["image"][6:12], last["image"][:6])
+    # A mapping of arrays is batched as it is (no conversion), with the same mask.
+    keys = np.arange(70, dtype=np.uint32) * 3
+    (b0, b1, b2) = data.eval_batches({"x": ds.images, "k": keys}, 32)
+    assert b2["x"].dtype == np.uint8 and b2["k"][5] == 69 * 3 and b2["k"][6] == 64 * 3
+    assert [s.stop for s in data.batch_slices(70, 32)] == [32, 64, 70]
+    with pytest.raises(ValueError, match="one length"):
+        next(data.eval_batches({"x": ds.images, "k": keys[:3]}, 32))
+
+
+def test_pad_to():
+    a = np.arange(6).reshape(3, 2)
+    np.testing.assert_array_equal(data.pad_to(a, 7)[:, 0], [0, 2, 4, 0, 2, 4, 0])
+    assert data.pad_to(a, 3) is a
+    for size in (2, 0):
+        with pytest.raises(ValueError, match="cannot pad"):
+            data.pad_to(a, size)
+    with pytest.raises(ValueError, match="cannot pad"):
+        data.pad_to(a[:0], 4)

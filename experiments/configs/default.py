@@ -23,7 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss_normalize = True
 
     c.model = "lenet5"  # lenet5 | resnet{20,32,44,56,110} | resnet50
-    c.dataset = "mnist"  # mnist | cifar10 | cifar100 | tiny_imagenet | digits
+    # A registered data set (gce_jax.data.dataset_names(): mnist | cifar10 |
+    # cifar100 | tiny_imagenet | digits, or one added by register_dataset), or
+    # your own set's name when data.format describes it below.
+    c.dataset = "mnist"
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
 
     c.data = ml_collections.ConfigDict()
@@ -36,6 +39,17 @@ def get_config() -> ml_collections.ConfigDict:
     # else 0: on 2 CPU cores the thread slowed the step) or an int >= 0.
     c.data.prefetch = ml_collections.FieldReference("auto", field_type=object)
     c.data.resize = ml_collections.FieldReference(None, field_type=tuple)  # (h, w)
+    # Your own data set under the name `dataset`, in a known format (one of
+    # gce_jax.data.FORMATS: idx | cifar10_pickle | cifar100_pickle | image_folder |
+    # tiny_imagenet, or tfds). None = `dataset` is a registered name.
+    c.data.format = ml_collections.FieldReference(None, field_type=str)
+    c.data.image_shape = ml_collections.FieldReference(None, field_type=tuple)  # (H, W, C)
+    c.data.class_names = ml_collections.FieldReference(None, field_type=tuple)
+    c.data.num_classes = ml_collections.FieldReference(None, field_type=int)  # if no names
+    # Per-channel statistics of [0, 1] pixels for the in-model normalisation
+    # (None: the model sees raw pixels).
+    c.data.mean = ml_collections.FieldReference(None, field_type=tuple)
+    c.data.std = ml_collections.FieldReference(None, field_type=tuple)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd | adam

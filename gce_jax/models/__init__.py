@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from gce_jax.models.common import DATASET_STATS, Normalize, normalize_for
+from gce_jax.data.registry import DatasetSpec, get_dataset
+from gce_jax.models.common import Normalize, normalize_for
 from gce_jax.models.lenet import LeNet5
 from gce_jax.models.resnet import CifarResNet, ResNet50
 
@@ -20,20 +21,27 @@ CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110)
 MODEL_NAMES = ("lenet5", *(f"resnet{d}" for d in CIFAR_RESNET_DEPTHS), "resnet50")
 
 
-def get_model(name: str, *, num_classes: int, dataset: str | None = None,
+def get_model(name: str, *, num_classes: int | None = None,
+              dataset: str | DatasetSpec | None = None,
               dtype: jnp.dtype = jnp.float32,
               bn_axis_name: str | None = None) -> nn.Module:
     """Builds a model by name.
 
     Args:
       name: ``lenet5``, ``resnet{20,32,44,56,110}`` (CIFAR) or ``resnet50``.
-      num_classes: size of the logits.
-      dataset: selects the in-model mean/std normalisation (none for MNIST).
+      num_classes: size of the logits (default: the data set's class count).
+      dataset: a registered data set name (``gce_jax.data.register_dataset``)
+        or spec: selects the in-model mean/std normalisation (none for MNIST)
+        and the default ``num_classes``.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); params and logits
         stay float32.
       bn_axis_name: mesh axis over which BatchNorm statistics are averaged in
         training mode (data-parallel training sets ``'batch'``).
     """
+    if num_classes is None:
+        if dataset is None:
+            raise ValueError("get_model needs num_classes or a dataset to take it from")
+        num_classes = get_dataset(dataset).num_classes
     norm = normalize_for(dataset)
     if name == "lenet5":
         return LeNet5(num_classes=num_classes, normalize=norm, dtype=dtype)
@@ -90,4 +98,4 @@ def count_params(params) -> int:
 
 
 __all__ = ["get_model", "logits_fn", "count_params", "LeNet5", "CifarResNet",
-           "ResNet50", "Normalize", "DATASET_STATS", "MODEL_NAMES"]
+           "ResNet50", "Normalize", "MODEL_NAMES"]

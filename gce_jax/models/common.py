@@ -7,14 +7,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-# Per-channel mean/std on [0,1] pixels. Normalising inside the model keeps the
-# model's input in pixel space, so attacks' eps and [0,1] clipping mean what
-# they say. MNIST is deliberately absent: the authors' LeNet-5 sees raw [0,1].
-DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
-}
+from gce_jax.data.registry import DatasetSpec, get_dataset
 
 
 class Normalize(nn.Module):
@@ -36,9 +29,11 @@ class Normalize(nn.Module):
         return (x - mean) / std
 
 
-def normalize_for(dataset: str | None) -> Normalize:
-    """The Normalize layer for a dataset name (identity for unknown/None)."""
-    if dataset in DATASET_STATS:
-        mean, std = DATASET_STATS[dataset]
-        return Normalize(mean=mean, std=std)
-    return Normalize()
+def normalize_for(dataset: str | DatasetSpec | None) -> Normalize:
+    """The Normalize layer for a data set: its registered ``mean``/``std``
+    (``gce_jax.data.registry``); identity for ``None`` or a set registered without
+    statistics (MNIST: the authors' LeNet-5 sees raw [0,1] pixels)."""
+    if dataset is None:
+        return Normalize()
+    spec = get_dataset(dataset)
+    return Normalize(mean=spec.mean, std=spec.std)
