@@ -23,7 +23,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from gce_jax import attacks as _attacks
 from gce_jax import parallel
+from gce_jax.files import atomic_write  # noqa: F401 (part of this module's API)
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -286,6 +286,15 @@ def to_float_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def progress_name(spec: AttackSpec, source: str = "") -> str:
+    """Progress-bar name: attack, loss and eps (two PGD bars must read differently)."""
+    base = spec.attack + (f"-{spec.loss}" if spec.loss else "")
+    # The rest of a custom label, e.g. "(2x steps)" of "pgd-xe (2x steps)".
+    extra = spec.label[len(base):] if spec.label.startswith(base) else f" {spec.label}"
+    eps = "" if spec.eps is None else f" eps={spec.eps:g}"
+    return (base + eps + extra.rstrip() + (f" [{source}]" if source else "")).strip()
+
+
 def _argmax_logits(fn: Partial, x: Array) -> Array:
     return jnp.argmax(fn(x), axis=-1)
 
@@ -401,7 +410,7 @@ class Evaluator:
         # other attack each batch gets its own key.
         keyed_by_example = "example_offset" in inspect.signature(attack_fn).parameters
         batches = list(_batches(self.n, self.batch_size))
-        bar = tqdm(total=self.n * spec.restarts, desc=spec.label + (f" [{source}]" if source else ""),
+        bar = tqdm(total=self.n * spec.restarts, desc=progress_name(spec, source),
                    unit="ex", disable=not self.progress, leave=False, dynamic_ncols=True)
         try:
             for r in range(spec.restarts):
@@ -545,27 +554,6 @@ def now_iso() -> str:
 
 
 # ---------------------------------------------------------------------- writing
-def atomic_write(path: str, data: str | bytes) -> None:
-    """Writes ``data`` to ``path`` via a temp file in the same directory + rename.
-
-    Readers see either the old file or the complete new one, never a prefix.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def build_report(*, run: str, workdir: str, command: str, model: Mapping[str, Any],
                  data: Mapping[str, Any], evaluator: Evaluator,
                  results: Sequence[AttackResult], diagnostics: Mapping[str, Any] | None,
