@@ -169,6 +169,19 @@ def test_killed_run_resumes_to_the_uninterrupted_run(point, n, tmp_path, referen
     assert_same_as_reference(wd, result, reference)
 
 
+def test_summary_is_the_selected_epochs_with_the_last_one_apart(reference):
+    # Issue 18: the summary mixed the last epoch's loss with the selected
+    # epoch's accuracies.
+    wd, result = reference
+    lines = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    assert (result["selected_epoch"], result["epochs_completed"]) == (2, 3)
+    for key in ("train_loss", "train_acc", "grad_norm", "val_acc", "test_acc"):
+        assert result[key] == lines[1][key], key
+    assert result["train_loss"] != lines[2]["train_loss"]
+    assert result["last_epoch"] == lines[2]
+    assert result["best_val_acc"] == lines[1]["val_acc"]
+
+
 def _corrupt(step_dir: str) -> None:
     for root, _, files in os.walk(os.path.join(step_dir, "state")):
         for f in files:
