@@ -597,9 +597,10 @@ def evaluate_accuracy(model: nn.Module, variables: dict, ds: Any, batch_size: in
 # Logging
 # --------------------------------------------------------------------------
 
-# Keys of an epoch record that measure speed, not the model: they differ
-# between two otherwise identical runs.
-TIMING_KEYS = ("epoch_time_s", "first_step_s", "images_per_s", "data_wait_s", "wall_time_s")
+# Keys of an epoch record that measure (or set) speed, not the model: they
+# differ between two otherwise identical runs.
+SPEED_KEYS = ("epoch_time_s", "first_step_s", "images_per_s", "data_wait_s", "wall_time_s",
+              "prefetch")
 
 
 class _Logger:
@@ -1090,7 +1091,7 @@ def _final_metrics(config, store, state, history, eval_model, datasets, mesh,
             state, _ = store.restore(abstract, which=which, epoch=selected)
         test_acc = evaluate_accuracy(eval_model, state.variables, datasets.test,
                                      config.eval_batch_size, mesh=mesh)
-    out = {k: v for k, v in record.items() if k not in TIMING_KEYS and k != "epoch"}
+    out = {k: v for k, v in record.items() if k not in SPEED_KEYS and k != "epoch"}
     out.update(selection=config.selection, selected_epoch=selected, test_acc=test_acc,
                epochs_completed=last["epoch"],
                best_val_acc=None if best is None else _record_of(history, best)["val_acc"],

@@ -6,7 +6,6 @@ and file modes.
 and reproduce are called in-process through their ``main``.
 """
 
-import hashlib
 import json
 import os
 import resource
@@ -17,6 +16,8 @@ import sys
 
 import pytest
 
+from test_train import tree_digest as digest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 CONFIG = "experiments/configs/mnist_lenet5.py"
@@ -24,16 +25,6 @@ CONFIG = "experiments/configs/mnist_lenet5.py"
 TINY = ["--config.dataset=digits", "--config.data.resize=(28, 28)", "--config.data.val_size=200",
         "--config.epochs=1", "--config.batch_size=256", "--config.eval_batch_size=400",
         "--config.progress_bar=False"]
-
-
-def digest(path: str) -> dict:
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def train_cmd(workdir: str, *extra: str, variant: str = "xe") -> list[str]:

@@ -10,7 +10,6 @@ the run resumes from the newest readable one.
 Run as a script, this file is the child: ``python test_resume_kill.py WORKDIR POINT N``.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -92,7 +91,7 @@ def run_child(workdir: str, point: str, n: int) -> subprocess.CompletedProcess:
 
 
 def without_timings(records):
-    return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in records]
+    return [{k: v for k, v in r.items() if k not in train.SPEED_KEYS} for r in records]
 
 
 def tensorboard_scalars(workdir: str, tag: str) -> dict[int, float]:
