@@ -714,6 +714,8 @@ RECORDED_ON_RESUME = ("name", "epochs", "selection", "eval_batch_size", "eval_te
                       "resolved.process_count")
 # Fields that only change how a run is shown: neither refused nor recorded.
 IGNORED_ON_RESUME = ("progress_bar", "log_every_steps", "data.prefetch")
+_USER_CHANGEABLE = tuple(f if f != "eval" else "eval.*" for f in
+                         RECORDED_ON_RESUME + IGNORED_ON_RESUME if not f.startswith("resolved."))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -765,8 +767,7 @@ def resume_changes(old: dict, new: dict, completed: int, workdir: str = "") -> d
         raise ConfigError(
             f"{workdir or 'the workdir'} holds {completed} epoch(s) of a run with another "
             f"config: {'; '.join(refused)}. Resume with the run's values, or use a new "
-            "--workdir (a resume may change only "
-            f"{', '.join(f for f in RECORDED_ON_RESUME + IGNORED_ON_RESUME if '.' not in f or not f.startswith('resolved'))})")
+            f"--workdir (a resume may change only {', '.join(_USER_CHANGEABLE)})")
     return recorded
 
 
