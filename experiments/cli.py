@@ -51,10 +51,11 @@ def fail(message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
-def run_reporting_errors(fn: Callable[[], int | None], *, debug: bool) -> int:
-    """Runs ``fn``; a user error becomes one line on stderr and status 2."""
+def run_reporting_errors(fn: Callable[[], int], *, debug: bool) -> int:
+    """Runs ``fn`` (returns an exit status); a user error becomes one line on stderr
+    and status 2."""
     try:
-        return fn() or 0
+        return fn()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

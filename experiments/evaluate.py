@@ -334,7 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     cli.set_log_verbosity(args.verbosity)
-    return cli.run_reporting_errors(lambda: run(args, argv), debug=args.debug)
+
+    def evaluate() -> int:
+        run(args, argv)
+        return 0
+
+    return cli.run_reporting_errors(evaluate, debug=args.debug)
 
 
 if __name__ == "__main__":
