@@ -8,9 +8,7 @@ and reproduce are called in-process through their ``main``.
 
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -121,12 +119,13 @@ def test_read_only_workdir_with_epochs_to_train_is_one_line(finished_run, tmp_pa
 def test_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_path):
     # RLIMIT_FSIZE makes large writes fail (EFBIG) as a full disk would (ENOSPC):
     # config.json fits, the first checkpoint does not.
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
-
+    # A shim sets the limit and execs the command (both survive exec; a
+    # preexec_fn would fork this multithreaded JAX process).
+    shim = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); "
+            "os.execv(sys.argv[1], sys.argv[1:])")
     wd = str(tmp_path / "run")
-    out = run(train_cmd(wd), preexec_fn=limit)
+    out = run([sys.executable, "-c", shim, *train_cmd(wd)])
     assert out.returncode == 2
     assert_one_error_line(out.stderr, "could not write the checkpoint of epoch 1",
                           "File too large")
