@@ -8,8 +8,10 @@ Writes ``<out>/robustness.json``, ``<out>/robustness.md`` and (with the
 diagnostics) ``<out>/accuracy_vs_eps.png``; ``<out>`` defaults to
 ``results/<basename of workdir>``. Every file is written to a temporary file
 and renamed, and only after all attacks have finished, so an interrupted or
-failed run never leaves partial results. Bad input gives one error line on
-stderr, exit status 2, and writes nothing.
+failed run never leaves partial results. Bad input (the workdir, its
+config.json, ``--out``, the eps, ...) is checked before any attack runs and
+gives one error line on stderr, exit status 2, and writes nothing;
+``--debug`` shows the traceback instead.
 
 Attack names are those of ``gce_jax.attacks.ATTACKS``, optionally with the
 objective: ``pgd:margin``, ``apgd:dlr``, ``square:xe``. Attacks without an
@@ -22,12 +24,15 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 from typing import Any, Sequence
+
+from experiments import cli
 
 PNG_NAME = "accuracy_vs_eps.png"
 
 
-class CLIError(Exception):
+class CLIError(cli.UserError):
     """Bad command-line input; reported as one line, nothing is written."""
 
 
@@ -42,7 +47,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m experiments.evaluate",
         description="Attack a checkpoint and check the result for gradient masking.")
     p.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints)")
@@ -93,6 +98,11 @@ def _check_workdir(path: str, flag: str) -> None:
         raise CLIError(f"{flag} {path!r} does not exist or is not a directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CLIError(f"{flag} {path!r} has no config.json; is it a training run directory?")
+    from gce_jax.train import ConfigError, read_run_config
+    try:
+        read_run_config(path)
+    except ConfigError as e:
+        raise CLIError(f"{flag}: {e}") from None
     ckpts = [d for d in ("checkpoints", "checkpoints_best")
              if os.path.isdir(os.path.join(path, d)) and os.listdir(os.path.join(path, d))]
     if not ckpts:
@@ -125,12 +135,35 @@ def _validate(args: argparse.Namespace) -> None:
         bad = [e for e in eps if not (e >= 0) or e != e or e == float("inf")]
         if bad:
             raise CLIError(f"--eps must be >= 0 and finite, got {bad}")
+        big = [e for e in eps if e > 1]
+        if big:
+            raise CLIError(f"--eps must be <= 1 (L_inf radii of images in [0, 1]; 8/255 is "
+                           f"0.0314), got {big}")
         args.eps = eps
     if args.diag_eps is not None and not (0 < args.diag_eps <= 1):
         raise CLIError(f"--diag_eps must be in (0, 1], got {args.diag_eps}")
     _check_workdir(args.workdir, "--workdir")
     if args.reference_workdir is not None:
         _check_workdir(args.reference_workdir, "--reference_workdir")
+    args.run_name = args.run_name or os.path.basename(os.path.normpath(args.workdir))
+    args.out = args.out or os.path.join("results", args.run_name)
+    _check_out_dir(args.out)
+
+
+def _check_out_dir(path: str) -> None:
+    """``--out`` must be a directory that can be created or written; creates nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"--out {path!r} exists and is not a directory")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CLIError(f"--out {path!r}: {parent!r} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise CLIError(f"--out {path!r} is not writable ({parent}: {e.strerror})") from None
 
 
 def _parse_attacks(names: list[str], registry) -> list[tuple[str, str]]:
@@ -152,7 +185,7 @@ def _load(workdir: str, selection: str | None, flag: str):
         return train.load_for_eval(workdir, selection)
     except Exception as e:  # noqa: BLE001 -- any load failure is one clear error
         raise CLIError(f"{flag} {workdir!r}: could not load the checkpoint: "
-                       f"{type(e).__name__}: {e}") from None
+                       f"{cli.error_line(e)}") from None
 
 
 def _load_test_set(config, n: int, seed: int):
@@ -220,7 +253,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
     model, variables, config = _load(args.workdir, args.selection, "--workdir")
     ref = None
-    run_name = args.run_name or os.path.basename(os.path.normpath(args.workdir))
+    run_name = args.run_name
     if args.reference_workdir is not None:
         rmodel, rvars, rconfig = _load(args.reference_workdir, None, "--reference_workdir")
         if (rconfig.dataset, rconfig.model) != (config.dataset, config.model):
@@ -292,8 +325,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                             command=command, model=model_info, data=data_info, evaluator=ev,
                             results=results, diagnostics=diag_json, verdict=verdict,
                             extra_results=diag_results)
-    out = args.out or os.path.join("results", run_name)
-    jpath, mpath = E.write_report(out, report, extra_files={PNG_NAME: png} if png else None)
+    jpath, mpath = E.write_report(args.out, report, extra_files={PNG_NAME: png} if png else None)
     print(f"wrote {jpath} and {mpath}")
     print(f"Verdict ({run_name}): {verdict}")
     return report
@@ -302,12 +334,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
+    cli.set_log_verbosity(args.verbosity)
+
+    def evaluate() -> int:
         run(args, argv)
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return cli.run_reporting_errors(evaluate, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -24,16 +24,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the command that trained the run (recorded in the manifest)")
     p.add_argument("--selection", default=None, choices=("last", "best_val"))
     args = p.parse_args(argv)
-    from gce_jax import evaluation, weights
+    from gce_jax import provenance, weights
     if not os.path.isfile(os.path.join(args.workdir, "config.json")):
         print(f"error: --workdir {args.workdir!r} is not a training run (no config.json)",
               file=sys.stderr)
         return 2
-    provenance = {"git": evaluation.git_info(), "hardware": evaluation.hardware_info(),
-                  "published": evaluation.now_iso()}
+    record = {"git": provenance.git_info(), "hardware": provenance.hardware_info(),
+              "published": provenance.now_iso()}
     try:
         manifest = weights.publish(args.workdir, args.out, command=args.train_command,
-                                   provenance=provenance, selection=args.selection)
+                                   provenance=record, selection=args.selection)
     except weights.WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

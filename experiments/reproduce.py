@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from experiments import figures, paper_numbers as P
+from experiments import cli, figures, paper_numbers as P
 from gce_jax.provenance import atomic_write, git_info, hardware_line, now_iso, write_json
 
 ALPHAS = {"1/2": 0.5, "1/3": 1 / 3, "1/4": 0.25, "1/5": 0.2}
@@ -668,8 +668,8 @@ def parse_seeds(specs: Sequence[str], datasets: Sequence[str]) -> dict[str, list
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, choices=sorted(TARGETS))
     p.add_argument("--datasets", default=None, help="comma list (default: all of the target's)")
     p.add_argument("--budget", choices=("paper", "reduced"), default="paper")
@@ -703,6 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    cli.set_log_verbosity(args.verbosity)
     known = TARGET_DATASETS[args.target]
     args.datasets = args.datasets.split(",") if args.datasets else list(known)
     bad = [d for d in args.datasets if d not in known]
@@ -723,13 +724,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = os.path.join(args.results_dir, "mock") if args.mock_data else args.results_dir
     args.out_dir = os.path.join(root, args.target)
     args.eval_dir = os.path.join(root, "evaluations")
-    ctx = contextlib.nullcontext()
-    if args.mock_data:
-        import tensorflow_datasets as tfds
-        ctx = tfds.testing.mock_data(num_examples=64)
-    with ctx:
-        TARGETS[args.target](args)
-    return 0
+    for flag in ("runs_dir", "results_dir"):
+        path = getattr(args, flag)
+        if os.path.exists(path) and not os.path.isdir(path):
+            print(f"error: --{flag} {path!r} exists and is not a directory", file=sys.stderr)
+            return 2
+
+    def run() -> int:
+        ctx = contextlib.nullcontext()
+        if args.mock_data:
+            import tensorflow_datasets as tfds
+            ctx = tfds.testing.mock_data(num_examples=64)
+        with ctx:
+            TARGETS[args.target](args)
+        return 0
+
+    return cli.run_reporting_errors(run, debug=args.debug)
 
 
 if __name__ == "__main__":

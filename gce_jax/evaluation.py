@@ -313,6 +313,15 @@ def to_float_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def progress_name(spec: AttackSpec, source: str = "") -> str:
+    """Progress-bar name: attack, loss and eps (two PGD bars must read differently)."""
+    base = spec.attack + (f"-{spec.loss}" if spec.loss else "")
+    # The rest of a custom label, e.g. "(2x steps)" of "pgd-xe (2x steps)".
+    extra = spec.label[len(base):] if spec.label.startswith(base) else f" {spec.label}"
+    eps = "" if spec.eps is None else f" eps={spec.eps:g}"
+    return (base + eps + extra.rstrip() + (f" [{source}]" if source else "")).strip()
+
+
 def _argmax_logits(fn: Partial, x: Array) -> Array:
     return jnp.argmax(fn(x), axis=-1)
 
@@ -435,7 +444,7 @@ class Evaluator:
         # other attack each batch gets its own key.
         keyed_by_example = "example_offset" in inspect.signature(attack_fn).parameters
         batches = list(_batches(self.n, self.batch_size))
-        bar = tqdm(total=self.n * spec.restarts, desc=spec.label + (f" [{source}]" if source else ""),
+        bar = tqdm(total=self.n * spec.restarts, desc=progress_name(spec, source),
                    unit="ex", disable=not self.progress, leave=False, dynamic_ncols=True)
         try:
             for r in range(spec.restarts):

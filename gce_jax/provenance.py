@@ -71,6 +71,14 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
         f.write(data)
 
 
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Appends one line and fsyncs it, so that a kill right after cannot lose it."""
+    with open(path, "a") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
     """``obj`` as indented JSON (one trailing newline), written atomically."""
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")

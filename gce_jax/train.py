@@ -24,12 +24,14 @@ state this makes a resumed run bit-identical to an uninterrupted one on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fractions
 import functools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -47,6 +49,7 @@ from gce_jax import data as data_lib
 from gce_jax import losses as losses_lib
 from gce_jax import parallel
 from gce_jax.models import MODEL_NAMES, get_model
+from gce_jax.provenance import append_line, atomic_write
 
 AXIS = parallel.BATCH_AXIS
 
@@ -95,10 +98,17 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
             node = node[part]
         return node
 
+    def number(path: str, low: float, high: float = math.inf, *, default: Any = None,
+               low_open: bool = False, high_open: bool = True) -> None:
+        """A finite real in the interval (an open end excludes the bound)."""
+        v = get(path, default)
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              and (v > low if low_open else v >= low) and (v < high if high_open else v <= high))
+        lo, hi = "(["[not low_open], ")]"[not high_open]
+        check(ok, f"{path}={v!r}: must be a finite number in {lo}{low:g}, {high:g}{hi}")
+
     check(get("loss") in LOSSES, f"loss={get('loss')!r}: expected one of {LOSSES}")
-    alpha = get("alpha", 0.0)
-    check(isinstance(alpha, (int, float)) and alpha >= 0 and math.isfinite(alpha),
-          f"alpha={alpha!r}: must be a finite number >= 0")
+    number("alpha", 0, default=0.0)
     check(get("model") in MODEL_NAMES, f"model={get('model')!r}: expected one of {MODEL_NAMES}")
     try:
         data_lib.dataset_from_config(config)
@@ -106,26 +116,26 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
         errors.append(f"dataset={get('dataset')!r}: {e}")
     check(get("optimizer.name") in OPTIMIZERS,
           f"optimizer.name={get('optimizer.name')!r}: expected one of {OPTIMIZERS}")
-    lr = get("optimizer.learning_rate")
-    check(isinstance(lr, (int, float)) and lr > 0,
-          f"optimizer.learning_rate={lr!r}: must be > 0")
-    wd = get("optimizer.weight_decay", 0.0)
-    check(isinstance(wd, (int, float)) and wd >= 0,
-          f"optimizer.weight_decay={wd!r}: must be >= 0")
+    number("optimizer.learning_rate", 0, low_open=True)
+    number("optimizer.weight_decay", 0, default=0.0)
+    if get("optimizer.name") == "adam":
+        number("optimizer.b1", 0, 1, default=0.9)
+        number("optimizer.b2", 0, 1, default=0.999)
+        number("optimizer.eps", 0, default=1e-8, low_open=True)
+    if get("optimizer.name") == "sgd":
+        number("optimizer.momentum", 0, 1, default=0.0)
     epochs = get("epochs")
     check(isinstance(epochs, int) and epochs >= 1, f"epochs={epochs!r}: must be an int >= 1")
     sched = get("lr_schedule.name")
     check(sched in SCHEDULES, f"lr_schedule.name={sched!r}: expected one of {SCHEDULES}")
     if sched == "piecewise":
         b = list(get("lr_schedule.boundaries_epochs", ()) or ())
-        check(all(isinstance(x, (int, float)) and x > 0 for x in b) and b == sorted(b),
+        check(all(isinstance(x, (int, float)) and 0 < x < math.inf for x in b)
+              and b == sorted(b),
               f"lr_schedule.boundaries_epochs={b!r}: must be increasing positive epochs")
-        f = get("lr_schedule.decay_factor")
-        check(isinstance(f, (int, float)) and f > 0,
-              f"lr_schedule.decay_factor={f!r}: must be > 0")
-    warm = get("lr_schedule.warmup_epochs", 0.0)
-    check(isinstance(warm, (int, float)) and 0 <= warm < epochs,
-          f"lr_schedule.warmup_epochs={warm!r}: must be >= 0 and below epochs")
+        number("lr_schedule.decay_factor", 0, low_open=True)
+    epochs_bound = get("epochs") if isinstance(get("epochs"), int) else math.inf
+    number("lr_schedule.warmup_epochs", 0, epochs_bound, default=0.0)
     check(get("selection") in SELECTIONS,
           f"selection={get('selection')!r}: expected one of {SELECTIONS} (never test)")
     val_size = get("data.val_size", 0)
@@ -162,21 +172,16 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     if adv is not None:
         check(method == "standard", "adversarial training is only supported with "
               "training.method='standard'")
-        eps, steps, step_size = adv.get("eps"), adv.get("steps"), adv.get("step_size")
-        mix = adv.get("mix", 0.0)
-        check(isinstance(eps, (int, float)) and eps >= 0,
-              f"training.adversarial.eps={eps!r}: must be >= 0")
+        steps = adv.get("steps")
+        # Images are in [0, 1]: a larger L_inf radius is no constraint at all.
+        number("training.adversarial.eps", 0, 1, high_open=False)
         check(isinstance(steps, int) and steps >= 1,
               f"training.adversarial.steps={steps!r}: must be an int >= 1")
-        check(isinstance(step_size, (int, float)) and step_size > 0,
-              f"training.adversarial.step_size={step_size!r}: must be > 0")
-        check(isinstance(mix, (int, float)) and 0 <= mix < 1,
-              f"training.adversarial.mix={mix!r}: must be in [0, 1)")
-        warm = adv.get("eps_warmup_epochs", 0)
-        check(isinstance(warm, (int, float)) and warm >= 0,
-              f"training.adversarial.eps_warmup_epochs={warm!r}: must be >= 0")
+        number("training.adversarial.step_size", 0, low_open=True)
+        number("training.adversarial.mix", 0, 1, default=0.0)
+        number("training.adversarial.eps_warmup_epochs", 0, default=0)
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid config: " + "; ".join(errors))
 
 
 # --------------------------------------------------------------------------
@@ -581,30 +586,90 @@ def evaluate_accuracy(model: nn.Module, variables: dict, ds: Any, batch_size: in
 # Logging
 # --------------------------------------------------------------------------
 
+# Keys of an epoch record that measure (or set) speed, not the model: they
+# differ between two otherwise identical runs.
+SPEED_KEYS = ("epoch_time_s", "first_step_s", "images_per_s", "data_wait_s", "wall_time_s",
+              "prefetch")
+
+
 class _Logger:
-    """metrics.jsonl + TensorBoard; a no-op on processes other than 0."""
+    """``metrics.jsonl`` + TensorBoard; a no-op on processes other than 0.
+
+    The durable record of the epochs is the history in each checkpoint; this
+    file mirrors it. :meth:`sync` rewrites the file to exactly that history
+    when a run resumes (restoring a line a kill prevented, dropping lines of
+    epochs whose checkpoint was lost), and gives TensorBoard, which is written
+    before each line, the scalars of every restored line. Nothing is opened
+    until something has to be written.
+    """
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
+        self._workdir = workdir
+        self._path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
-        if enabled:
+
+    def _scalars(self, record: dict) -> None:
+        if self._tb is None:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-            self._path = os.path.join(workdir, "metrics.jsonl")
+            self._tb = SummaryWriter(os.path.join(self._workdir, "tb"))
+        for k, v in record.items():
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(k, v, record["epoch"])
+        self._tb.flush()
+
+    def sync(self, history: list[dict]) -> None:
+        if not self.enabled:
+            return
+        want = "".join(json.dumps(r) + "\n" for r in history)
+        try:
+            with open(self._path) as f:
+                have = f.read()
+        except FileNotFoundError:
+            have = ""
+        if have == want:
+            return
+        logged = set()
+        for line in have.splitlines():
+            try:
+                logged.add(json.loads(line).get("epoch"))
+            except (ValueError, AttributeError):
+                pass  # a line cut short by a kill
+        for record in history:
+            if record["epoch"] not in logged:
+                self._scalars(record)
+        with _writing(self._path):
+            atomic_write(self._path, want)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self._path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k != "epoch" and isinstance(v, (int, float)) and v is not None:
-                self._tb.add_scalar(k, v, record["epoch"])
-        self._tb.flush()
+        self._scalars(record)
+        with _writing(self._path):
+            append_line(self._path, json.dumps(record))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Names the file in an OSError (a failed write() does not)."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    """The one line printed per epoch."""
+    def f(key: str, fmt: str = ".4f") -> str:
+        v = record.get(key)
+        return f"{key} {'n/a' if v is None else format(v, fmt)}"
+    return (f"epoch {record['epoch']}/{epochs}: {f('train_loss')} {f('train_acc')} "
+            f"{f('val_acc')} {f('test_acc')} {f('lr', '.3g')} "
+            f"{record.get('epoch_time_s', 0.0):.1f}s")
 
 
 def _summarise(m: dict) -> dict:
@@ -628,23 +693,178 @@ def _config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _check_resume_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
-    path = os.path.join(workdir, "config.json")
-    if ckpt_lib.latest_epoch_on_disk(workdir) is None or not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    new = _config_to_dict(config)
-    # Resuming with another objective would silently mix two experiments.
-    keys = ("model", "dataset", "dtype", "loss", "alpha")
-    diff = [k for k in keys if old.get(k) != new.get(k)]
-    old_m = old.get("training", {}).get("method", "standard")
-    if old_m != new.get("training", {}).get("method", "standard"):
-        diff.append("training.method")
-    if diff:
+CONFIG_FILE = "config.json"
+HISTORY_KEY = "config_history"
+# Fields a resume may change: they leave the epochs already trained as they
+# were, so the change is recorded (config.json's "config_history"), not
+# refused. "resolved" holds what the run found: data shapes and hardware.
+RECORDED_ON_RESUME = ("name", "epochs", "selection", "eval_batch_size", "eval_test_every_epoch",
+                      "data.data_dir", "checkpoint.keep", "eval", "resolved.device_count",
+                      "resolved.process_count")
+# Fields that only change how a run is shown: neither refused nor recorded.
+IGNORED_ON_RESUME = ("progress_bar", "log_every_steps", "data.prefetch")
+_USER_CHANGEABLE = tuple(f if f != "eval" else "eval.*" for f in
+                         RECORDED_ON_RESUME + IGNORED_ON_RESUME if not f.startswith("resolved."))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _under(key: str, fields: tuple[str, ...]) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in fields)
+
+
+def resume_changes(old: dict, new: dict, completed: int, workdir: str = "") -> dict:
+    """``{field: [old, new]}`` that resuming ``old``'s run with ``new`` records.
+
+    ``old`` is the run's ``config.json``, ``new`` this invocation's config
+    (both JSON dicts; ``new['resolved']`` is compared when present) and
+    ``completed`` the number of epochs already trained. Raises ConfigError
+    naming every field whose change would make the record wrong for the
+    epochs already trained (seed, learning rate, batch size, loss, data, ...).
+    Fields that appear on one side only come from a code change (the config
+    schema is fixed for the user) and are recorded.
+    """
+    a = _flatten({k: v for k, v in old.items() if k != HISTORY_KEY})
+    b = _flatten({k: v for k, v in new.items() if k != HISTORY_KEY})
+    keys = a.keys() | b.keys()
+    if "resolved" not in new:
+        keys = {k for k in keys if not k.startswith("resolved.")}
+    refused, recorded = [], {}
+    for k in sorted(keys):
+        if (k in a) == (k in b) and a.get(k) == b.get(k) or _under(k, IGNORED_ON_RESUME):
+            continue
+        if k not in a or k not in b or _under(k, RECORDED_ON_RESUME):
+            recorded[k] = [a.get(k), b.get(k)]
+        else:
+            refused.append(f"{k} {a[k]!r} -> {b[k]!r}")
+    if "epochs" in recorded:
+        if isinstance(b.get("epochs"), int) and b["epochs"] < completed:
+            refused.append(f"epochs {a.get('epochs')!r} -> {b['epochs']!r} (it has already "
+                           f"completed {completed})")
+        elif b.get("lr_schedule.name") == "cosine":
+            refused.append(f"epochs {a.get('epochs')!r} -> {b.get('epochs')!r} (the cosine "
+                           "schedule is set by the number of epochs)")
+    if refused:
         raise ConfigError(
-            f"{workdir} holds checkpoints of a run with different {', '.join(diff)}; "
-            "use a new --workdir (or delete the old one) instead of resuming it")
+            f"{workdir or 'the workdir'} holds {completed} epoch(s) of a run with another "
+            f"config: {'; '.join(refused)}. Resume with the run's values, or use a new "
+            f"--workdir (a resume may change only {', '.join(_USER_CHANGEABLE)})")
+    return recorded
+
+
+def read_run_config(workdir: str) -> dict | None:
+    """The run's ``config.json`` as a dict (None if absent); ConfigError if damaged."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is damaged (truncated or not JSON: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} is damaged (not a JSON object)")
+    return cfg
+
+
+def _check_workdir(workdir: str) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir!r} exists and is not a directory")
+
+
+def _check_writable(workdir: str) -> None:
+    """Fails with one line before training if ``workdir`` cannot be written."""
+    import tempfile
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir!r} is not writable: "
+                          f"{e.strerror or ckpt_lib.one_line(e)}") from None
+
+
+def best_epoch(history: list[dict]) -> int | None:
+    """The epoch with the highest ``val_acc`` (the first on ties); None without one."""
+    best, best_acc = None, None
+    for record in history:
+        acc = record.get("val_acc")
+        if acc is not None and (best_acc is None or acc > best_acc):
+            best, best_acc = record["epoch"], acc
+    return best
+
+
+def _record_of(history: list[dict], epoch: int) -> dict:
+    return next(r for r in history if r["epoch"] == epoch)
+
+
+def _meta(history: list[dict]) -> dict:
+    """A checkpoint's JSON: its epoch's numbers, the selection and the whole history."""
+    last, best = history[-1], best_epoch(history)
+    return {"epoch": last["epoch"], "val_acc": last.get("val_acc"),
+            "test_acc": last.get("test_acc"), "best_epoch": best,
+            "best_val_acc": None if best is None else _record_of(history, best)["val_acc"],
+            "history": [dict(r) for r in history]}
+
+
+def _history(meta: dict, workdir: str, epoch: int) -> list[dict]:
+    """The epoch records up to ``epoch``; checkpoints made before the history
+    was stored in them fall back to ``metrics.jsonl``."""
+    if "history" in meta:
+        return [dict(r) for r in meta["history"]]
+    records: dict[int, dict] = {}
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] <= epoch:
+                    records[r["epoch"]] = r
+    except FileNotFoundError:
+        pass
+    records.setdefault(epoch, {"epoch": epoch, "val_acc": meta.get("val_acc"),
+                               "test_acc": meta.get("test_acc")})
+    return [records[e] for e in sorted(records)]
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _sync_best(store: ckpt_lib.CheckpointStore, history: list[dict], epoch: int, state: Any,
+               meta: dict, abstract: Any) -> None:
+    """Makes ``checkpoints_best`` hold the best epoch of ``history`` (and nothing newer).
+
+    A kill between the two saves of an epoch leaves the best-validation copy
+    one improvement behind the history; a checkpoint set aside leaves copies
+    of epochs that will be trained again.
+    """
+    best = best_epoch(history)
+    saved = store.epochs("best_val")
+    for e in saved:
+        if e > epoch or (best in saved and e != best):
+            store.delete(e, "best_val")
+    if best is None or best in saved:
+        return
+    if best == epoch:
+        store.save(epoch, state, meta, which="best_val")
+    elif best in store.epochs("last"):
+        best_state, best_meta = store.restore(abstract, epoch=best)
+        store.save(best, best_state, best_meta, which="best_val")
+    else:
+        _warn(f"the best-validation checkpoint (epoch {best}) is gone; selection='best_val' "
+              "will use the next epoch that beats it")
 
 
 # --------------------------------------------------------------------------
@@ -656,6 +876,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        mesh: Mesh | None = None) -> dict:
     """Trains (resuming from ``workdir`` if it holds checkpoints) and evaluates.
 
+    Each epoch ends with one checkpoint commit that holds the state and the
+    history of every epoch's record, which is what a resume trusts:
+    ``metrics.jsonl`` and the best-validation copy are brought in line with
+    it, so a run killed at any point resumes to the uninterrupted run's
+    parameters, selection and metrics (bit for bit on CPU, timings aside). An
+    unreadable newest checkpoint is set aside and the run resumes from the
+    newest readable one. A finished run with an unchanged config writes
+    nothing, so it can be re-opened in a read-only workdir.
+
     Args:
       config: see ``experiments/configs/default.py``.
       workdir: checkpoints, ``metrics.jsonl``, ``tb/`` and ``config.json``.
@@ -663,17 +892,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       mesh: data-parallel mesh; default all devices.
 
     Returns:
-      Final metrics: last-epoch train/val/test numbers and ``test_acc`` of the
-      selected model (``config.selection``: last epoch or best validation).
+      The selected model's numbers (``config.selection``: last epoch or best
+      validation accuracy): its epoch's record (``train_loss``, ``val_acc``,
+      ...), ``test_acc``, ``selected_epoch``, plus ``epochs_completed``,
+      ``best_val_acc`` and the last epoch's record as ``last_epoch``.
 
     Raises:
-      ConfigError: bad config, before anything is written to ``workdir``.
+      ConfigError: bad config or workdir, or a resume with a changed config,
+        before anything is written to ``workdir``.
       TrainingError: non-finite loss/gradient; the last good checkpoint stays.
+      CheckpointError: a checkpoint could not be written (disk full, ...).
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate_config(config, mesh)
-    _check_resume_compatible(config, workdir)
+    _check_workdir(workdir)
     is_main = jax.process_index() == 0
+    store = ckpt_lib.CheckpointStore(workdir, keep=config.checkpoint.keep)
+    trained = store.epochs()
+    run_config = _config_to_dict(config)
+    old_config = read_run_config(workdir) if trained else None
+    if old_config is not None:  # refuse early, before the data are loaded
+        resume_changes(old_config, run_config, trained[-1], workdir)
 
     datasets = load_datasets(config) if datasets is None else datasets
     num_classes = int(datasets.train.num_classes)
@@ -690,31 +929,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     lr_fn = create_learning_rate_fn(config, steps_per_epoch)
     train_step_fn = make_train_step(config, model, tx, mesh, num_classes, tx_comp=tx_comp,
                                     steps_per_epoch=steps_per_epoch)
+    # What load_for_eval needs to rebuild the model without the data.
+    run_config["resolved"] = {
+        "dataset": data_lib.dataset_from_config(config).to_dict(),
+        "num_classes": num_classes, "input_shape": list(datasets.train.images.shape[1:]),
+        "steps_per_epoch": steps_per_epoch, "device_count": int(mesh.devices.size),
+        "process_count": jax.process_count()}
+    changes = {}
+    if old_config is not None:
+        changes = resume_changes(old_config, run_config, trained[-1], workdir)
 
-    # ---- from here on the workdir is written ----
-    os.makedirs(workdir, exist_ok=True)
-    store = ckpt_lib.CheckpointStore(workdir, keep=config.checkpoint.keep)
-    meta: dict = {"epoch": 0, "best_val_acc": None, "best_epoch": None}
-    start_epoch = store.latest_epoch() or 0
-    if start_epoch:
-        state, meta = store.restore(ckpt_lib.abstract_like(state))
-    if is_main:
-        resolved = _config_to_dict(config)
-        # What load_for_eval needs to rebuild the model without the data.
-        resolved["resolved"] = {
-            "dataset": data_lib.dataset_from_config(config).to_dict(),
-            "num_classes": num_classes,
-            "input_shape": list(datasets.train.images.shape[1:]),
-            "steps_per_epoch": steps_per_epoch, "device_count": int(mesh.devices.size),
-            "process_count": jax.process_count()}
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2)
+    abstract = ckpt_lib.abstract_like(state)
+    history: list[dict] = []
+    start_epoch, skipped = 0, []
+    if trained:
+        start_epoch, state, meta, skipped = store.restore_newest_intact(abstract)
+        history = _history(meta, workdir, start_epoch)
+    if start_epoch < config.epochs or skipped:
+        _check_writable(workdir)
+
+    # ---- from here on the workdir may be written ----
+    if skipped:
+        moved = [store.set_aside(e) for e, _ in skipped]
+        _warn(f"{skipped[0][1]}; resuming from epoch {start_epoch}, the newest readable "
+              f"checkpoint (set aside: {', '.join(moved)})")
+    if is_main and (old_config is None or changes):
+        if old_config is not None:
+            run_config[HISTORY_KEY] = list(old_config.get(HISTORY_KEY, [])) + [
+                {"resumed_at_epoch": start_epoch, "changes": changes}]
+        path = os.path.join(workdir, CONFIG_FILE)
+        with _writing(path):
+            atomic_write(path, json.dumps(run_config, indent=2))
     logger = _Logger(workdir, is_main)
     eval_model = create_model(config, num_classes, bn_axis_name=None)
     eval_bs = config.eval_batch_size
-    record: dict = {}
-    run_start = time.time()
     try:
+        logger.sync(history)
+        if history:
+            _sync_best(store, history, start_epoch, state, meta, abstract)
+        if is_main and start_epoch and start_epoch < config.epochs:
+            print(f"resuming {workdir} at epoch {start_epoch}/{config.epochs}", flush=True)
+        # wall_time_s adds up the training time of every resume.
+        wall_before = (history[-1].get("wall_time_s") or 0.0) if history else 0.0
+        run_start = time.time()
         for epoch in range(start_epoch + 1, config.epochs + 1):
             state, record = _train_one_epoch(
                 config, state, train_step_fn, datasets.train, epoch, steps_per_epoch, mesh,
@@ -726,17 +983,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             record["test_acc"] = (evaluate_accuracy(eval_model, variables, datasets.test,
                                                     eval_bs, mesh=mesh)
                                   if config.get("eval_test_every_epoch", True) else None)
-            best = (record["val_acc"] is not None and
-                    (meta["best_val_acc"] is None or record["val_acc"] > meta["best_val_acc"]))
-            if best:
-                meta["best_val_acc"], meta["best_epoch"] = record["val_acc"], epoch
-            meta.update(epoch=epoch, val_acc=record["val_acc"], test_acc=record["test_acc"])
-            # Checkpoint before logging: a logged epoch always has its checkpoint.
-            store.save(epoch, state, dict(meta), best=best)
-            record["wall_time_s"] = time.time() - run_start
+            record["wall_time_s"] = wall_before + time.time() - run_start
+            history.append(record)
+            meta = _meta(history)
+            # The commit of "last" is the epoch's durable record; the best
+            # copy and the log follow it and are repaired from it on resume.
+            store.save(epoch, state, meta)
+            if meta["best_epoch"] == epoch:
+                store.save(epoch, state, meta, which="best_val")
             logger.write(record)
-        return _final_metrics(config, store, state, meta, record, eval_model, datasets,
-                              mesh)
+            if is_main:
+                print(_epoch_line(record, config.epochs), flush=True)
+        return _final_metrics(config, store, state, history, eval_model, datasets, mesh,
+                              abstract)
     finally:
         logger.close()
         store.close()
@@ -809,25 +1068,25 @@ def _train_one_epoch(config: ml_collections.ConfigDict, state: TrainState, step_
     return state, record
 
 
-def _final_metrics(config, store, state, meta, record, eval_model, datasets, mesh) -> dict:
-    out = {k: v for k, v in record.items()}
-    out.update(epoch=meta.get("epoch"), selection=config.selection,
-               last_test_acc=meta.get("test_acc"), best_val_acc=meta.get("best_val_acc"))
-    if config.selection == "best_val" and meta.get("best_epoch") is not None:
-        best_state, best_meta = store.restore(ckpt_lib.abstract_like(state), which="best_val")
-        test_acc = best_meta.get("test_acc")
-        if test_acc is None:
-            test_acc = evaluate_accuracy(eval_model, best_state.variables, datasets.test,
-                                         config.eval_batch_size, mesh=mesh)
-        out.update(selected_epoch=best_meta["epoch"], test_acc=test_acc,
-                   val_acc=best_meta.get("val_acc"))
-    else:
-        test_acc = meta.get("test_acc")
-        if test_acc is None:
-            test_acc = evaluate_accuracy(eval_model, state.variables, datasets.test,
-                                         config.eval_batch_size, mesh=mesh)
-        out.update(selected_epoch=meta.get("epoch"), test_acc=test_acc,
-                   val_acc=meta.get("val_acc"))
+def _final_metrics(config, store, state, history, eval_model, datasets, mesh,
+                   abstract) -> dict:
+    """The selected epoch's numbers; the last epoch's apart, under ``last_epoch``."""
+    last = history[-1]
+    best = best_epoch(history)
+    selected = best if config.selection == "best_val" and best is not None else last["epoch"]
+    record = _record_of(history, selected)
+    test_acc = record.get("test_acc")
+    if test_acc is None:
+        if selected != last["epoch"]:
+            which = "best_val" if selected in store.epochs("best_val") else "last"
+            state, _ = store.restore(abstract, which=which, epoch=selected)
+        test_acc = evaluate_accuracy(eval_model, state.variables, datasets.test,
+                                     config.eval_batch_size, mesh=mesh)
+    out = {k: v for k, v in record.items() if k not in SPEED_KEYS and k != "epoch"}
+    out.update(selection=config.selection, selected_epoch=selected, test_acc=test_acc,
+               epochs_completed=last["epoch"],
+               best_val_acc=None if best is None else _record_of(history, best)["val_acc"],
+               last_epoch=dict(last))
     return out
 
 
@@ -836,9 +1095,55 @@ def _final_metrics(config, store, state, meta, record, eval_model, datasets, mes
 # --------------------------------------------------------------------------
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run saved in ``workdir/config.json``."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    """The resolved config a run saved in ``workdir/config.json``.
+
+    Raises FileNotFoundError if there is none and ConfigError if it is damaged.
+    """
+    cfg = read_run_config(workdir)
+    if cfg is None:
+        raise FileNotFoundError(f"{os.path.join(workdir, CONFIG_FILE)} does not exist; is "
+                                f"{workdir!r} a training run directory?")
+    return ml_collections.ConfigDict(cfg)
+
+
+def selected_checkpoint(workdir: str, selection: str) -> tuple[int, str]:
+    """``(epoch, 'last' | 'best_val')``: where ``selection``'s checkpoint lies; writes nothing.
+
+    ``'best_val'`` is the best epoch of the history in the newest readable
+    checkpoint, not whatever ``checkpoints_best`` holds: a run killed between
+    its two saves has the new best only in ``checkpoints``.
+    """
+    store = ckpt_lib.CheckpointStore(workdir, keep=1, read_only=True)
+    if selection == "last":
+        epoch = store.latest_epoch("last")
+        if epoch is None:
+            raise FileNotFoundError(f"no 'last' checkpoint in "
+                                    f"{ckpt_lib.checkpoint_dir(workdir, 'last')}")
+        return epoch, "last"
+    if selection != "best_val":
+        raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
+    meta = None
+    for epoch in reversed(store.epochs("last")):
+        try:
+            meta = store.read_meta(epoch)
+            break
+        except ckpt_lib.CheckpointError:
+            continue
+    if meta is not None and "history" in meta:
+        best = best_epoch(meta["history"])
+        if best is None:
+            raise FileNotFoundError(f"{workdir!r} has no validation accuracy to select on "
+                                    "(data.val_size=0); use selection 'last'")
+        for which in ("best_val", "last"):
+            if best in store.epochs(which):
+                return best, which
+        raise FileNotFoundError(f"the best-validation checkpoint (epoch {best}) of "
+                                f"{workdir!r} is missing")
+    epoch = store.latest_epoch("best_val")  # checkpoints written before the history
+    if epoch is None:
+        raise FileNotFoundError(f"no 'best_val' checkpoint in "
+                                f"{ckpt_lib.checkpoint_dir(workdir, 'best_val')}")
+    return epoch, "best_val"
 
 
 def load_for_eval(workdir: str, selection: str | None = None
@@ -846,30 +1151,24 @@ def load_for_eval(workdir: str, selection: str | None = None
     """Restores ``(model, variables, config)`` of a finished or running run.
 
     ``selection`` (default: the run's ``config.selection``) is ``'last'`` (latest
-    epoch) or ``'best_val'`` (best validation accuracy). The model is built in
-    inference form (no BatchNorm axis) and the variables live on one device.
+    epoch) or ``'best_val'`` (best validation accuracy, see
+    :func:`selected_checkpoint`). The model is built in inference form (no
+    BatchNorm axis) and the variables live on one device. Writes nothing.
     """
     config = load_config(workdir)
-    which = selection or config.selection
-    latest = ckpt_lib.latest_epoch_on_disk(workdir, which)
-    if latest is None:
-        raise FileNotFoundError(
-            f"no {which!r} checkpoint in {ckpt_lib.checkpoint_dir(workdir, which)}")
+    epoch, which = selected_checkpoint(workdir, selection or config.selection)
     store = ckpt_lib.CheckpointStore(workdir, keep=config.checkpoint.keep, read_only=True)
-    try:
-        info = config.resolved
-        mesh = parallel.make_mesh(jax.devices()[:1])
-        model = create_model(config, info.num_classes, bn_axis_name=None)
-        # Only the state's structure matters here (the schedule is not restored).
-        tx = create_optimizer(config, info.steps_per_epoch)
-        tx_comp = tx if config.training.get("method", "standard") == "cot" else None
-        abstract = jax.eval_shape(
-            lambda: create_train_state(config, model, tx, tuple(info.input_shape), mesh,
-                                       tx_comp=tx_comp))
-        sharding = parallel.replicated(mesh)
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-        state, _ = store.restore(abstract, which=which)
-    finally:
-        store.close()
+    info = config.resolved
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    model = create_model(config, info.num_classes, bn_axis_name=None)
+    # Only the state's structure matters here (the schedule is not restored).
+    tx = create_optimizer(config, info.steps_per_epoch)
+    tx_comp = tx if config.training.get("method", "standard") == "cot" else None
+    abstract = jax.eval_shape(
+        lambda: create_train_state(config, model, tx, tuple(info.input_shape), mesh,
+                                   tx_comp=tx_comp))
+    sharding = parallel.replicated(mesh)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    state, _ = store.restore(abstract, which=which, epoch=epoch)
     return model, state.variables, config

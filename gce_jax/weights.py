@@ -35,6 +35,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from gce_jax.provenance import write_json
+
 FORMAT = "gce_jax.published_weights/1"
 VARIABLES_FILE = "variables.msgpack"
 MANIFEST_FILE = "manifest.json"
@@ -108,9 +110,7 @@ def publish(workdir: str, out_dir: str, *, command: str, provenance: dict[str, A
             "command": command,
             **provenance,
         }
-        with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
+        write_json(os.path.join(tmp, MANIFEST_FILE), manifest)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
