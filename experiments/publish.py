@@ -29,8 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --workdir {args.workdir!r} is not a training run (no config.json)",
               file=sys.stderr)
         return 2
-    record = {"git": provenance.git_info(), "hardware": provenance.hardware_info(),
-              "published": provenance.now_iso()}
+    # Where and when the folder was written (the training run's own record is
+    # its config.json and metrics.jsonl).
+    record = {"published": {"git": provenance.git_info(), "hardware": provenance.hardware_info(),
+                            "date": provenance.now_iso()}}
     try:
         manifest = weights.publish(args.workdir, args.out, command=args.train_command,
                                    provenance=record, selection=args.selection)

@@ -134,7 +134,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
               and b == sorted(b),
               f"lr_schedule.boundaries_epochs={b!r}: must be increasing positive epochs")
         number("lr_schedule.decay_factor", 0, low_open=True)
-    epochs_bound = get("epochs") if isinstance(get("epochs"), int) else math.inf
+    epochs_bound = epochs if isinstance(epochs, int) else math.inf
     number("lr_schedule.warmup_epochs", 0, epochs_bound, default=0.0)
     check(get("selection") in SELECTIONS,
           f"selection={get('selection')!r}: expected one of {SELECTIONS} (never test)")
