@@ -188,7 +188,7 @@ def _main_specs(attacks: list[tuple[str, str]], eps: list[float], config, args):
     pgd_kw = {"steps": args.pgd_steps, "step_size": args.pgd_step_size,
               "random_start": bool(config.eval.get("pgd_random_start", True))}
     for attack, loss in attacks:
-        if attack in E.FIXED_OBJECTIVE:
+        if attack in E.EPS_FREE_ATTACKS:
             if attack == "jsma":
                 for g in E.PAPER_JSMA_GAMMA.get(config.dataset, (0.25,)):
                     specs.append(E.paper_spec(attack, None, gamma=g, label=f"jsma (gamma={g:g})"))

@@ -69,6 +69,9 @@ BLACK_BOX_ATTACKS = frozenset({"square"})
 # Attacks with their own fixed objective: no ``loss=`` is passed and the
 # record names the objective they use (JSMA and C&W also take no eps).
 FIXED_OBJECTIVE: dict[str, str] = _attacks.FIXED_OBJECTIVES
+# Minimum-norm attacks without a budget argument (JSMA, C&W): one run each.
+EPS_FREE_ATTACKS = frozenset(name for name, fn in _attacks.ATTACKS.items()
+                             if "eps" not in inspect.signature(fn).parameters)
 # Ensembles: the attack returns an ``AutoAttackResult``, and the evaluator
 # adds one cumulative row per component (``AttackResult.components``).
 ENSEMBLE_ATTACKS = frozenset({"autoattack"})
