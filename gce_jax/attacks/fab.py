@@ -61,6 +61,11 @@ from gce_jax.attacks.objectives import (N_TARGET_CLASSES, n_target_count, target
                                         top_other_classes)
 
 
+# Bisection steps for the projection's radius: float32 brackets in [0, 1]
+# stop shrinking after ~24 halvings; the final step is an exact linear solve.
+_BISECTION_STEPS = 26
+
+
 def linf_hyperplane_projection(t: Array, w: Array, b: Array) -> Array:
     r"""The smallest-L_inf step onto a hyperplane inside the box, per row.
 
@@ -72,29 +77,42 @@ def linf_hyperplane_projection(t: Array, w: Array, b: Array) -> Array:
     With :math:`c = b - w^\top t` the progress reachable within radius
     :math:`\lambda` is :math:`g(\lambda) = \sum_i |w_i| \min(\lambda, r_i)`
     (:math:`r_i` the room coordinate ``i`` has towards the box face in the
-    direction :math:`\mathrm{sign}(c\,w_i)`); :math:`g` is piecewise linear
-    with breaks at the sorted :math:`r_i`, and the answer is
-    :math:`\delta_i = \mathrm{sign}(c\,w_i) \min(\lambda^*, r_i)` with
-    :math:`g(\lambda^*) = |c|`. If the hyperplane misses the box the step goes
-    to the box corner nearest to it.
+    direction :math:`\mathrm{sign}(c\,w_i)`), piecewise linear and increasing,
+    and :math:`\delta_i = \mathrm{sign}(c\,w_i) \min(\lambda^*, r_i)` with
+    :math:`g(\lambda^*) = |c|`. :math:`\lambda^*` is bracketed by bisection
+    (elementwise work only: a sort of the :math:`r_i` costs more than the
+    model's gradient on XLA:CPU), then solved on the bracket's linear piece.
+    If the hyperplane misses the box the step goes to the box corner nearest
+    to it.
     """
     c = b - jnp.sum(w * t, axis=1)
     ws = w * jnp.where(c >= 0, 1.0, -1.0)[:, None]  # now ws . delta = |c| is needed
-    c = jnp.abs(c)
+    c = jnp.abs(c)[:, None]
     room = jnp.where(ws > 0, 1.0 - t, jnp.where(ws < 0, t, 0.0))
     a = jnp.abs(ws)
-    order = jnp.argsort(room, axis=1)
-    r_s = jnp.take_along_axis(room, order, axis=1)
-    a_s = jnp.take_along_axis(a, order, axis=1)
-    below = jnp.cumsum(a_s * r_s, axis=1)  # sum_{j <= k} a_j r_j
-    above = jnp.sum(a, axis=1, keepdims=True) - jnp.cumsum(a_s, axis=1)  # sum_{j > k} a_j
-    reached = below + r_s * above >= c[:, None]  # g(r_(k)) >= |c|
-    k = jnp.argmax(reached, axis=1)[:, None]
-    below_k = jnp.take_along_axis(below - a_s * r_s, k, axis=1)[:, 0]
-    slope_k = jnp.take_along_axis(above + a_s, k, axis=1)[:, 0]
-    lam = jnp.maximum((c - below_k) / jnp.maximum(slope_k, 1e-30), 0.0)
-    lam = jnp.where(reached[:, -1], lam, jnp.inf)
-    return jnp.sign(ws) * jnp.minimum(lam[:, None], room)
+
+    def progress(lam):
+        return jnp.sum(a * jnp.minimum(room, lam), axis=1, keepdims=True)
+
+    def halve(_, bracket):
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        short = progress(mid) < c
+        return jnp.where(short, mid, lo), jnp.where(short, hi, mid)
+
+    top = jnp.max(room, axis=1, keepdims=True)
+    bracket = (jnp.zeros_like(top), top)
+    for i in range(_BISECTION_STEPS):  # unrolled: XLA:CPU runs a nested loop slowly
+        bracket = halve(i, bracket)
+    lo, hi = bracket
+    # On [lo, hi] (no breakpoint inside, up to float precision) g is linear:
+    # g(lam) = sum_{r_i <= lo} a_i r_i + lam * sum_{r_i > lo} a_i.
+    free = room > lo
+    slope = jnp.sum(jnp.where(free, a, 0.0), axis=1, keepdims=True)
+    fixed = jnp.sum(jnp.where(free, 0.0, a * room), axis=1, keepdims=True)
+    lam = jnp.clip((c - fixed) / jnp.maximum(slope, 1e-30), lo, hi)
+    lam = jnp.where(progress(top) >= c, lam, jnp.inf)
+    return jnp.sign(ws) * jnp.minimum(lam, room)
 
 
 def _linf(v: Array) -> Array:
@@ -131,8 +149,10 @@ def _fab_core(fn: LogitsFn, x: Array, y: Array, keys: Array, targets: Array | No
             return f, g.reshape(b, -1)
         z, pullback = jax.vjp(fn, x1)
         k = z.shape[-1]
-        jac = jax.vmap(lambda ct: pullback(ct)[0])(
-            jnp.broadcast_to(jnp.eye(k, dtype=z.dtype)[:, None, :], (k, b, k)))
+        # One backward pass per class, in a loop: each class's gradient is
+        # then a materialised buffer (see ``body`` below on XLA:CPU fusion).
+        jac = jax.lax.map(lambda ct: pullback(ct)[0],
+                          jnp.broadcast_to(jnp.eye(k, dtype=z.dtype)[:, None, :], (k, b, k)))
         jac = jnp.moveaxis(jac.reshape(k, b, -1), 0, 1)  # [B, K, d]
         f_all = z - jnp.take_along_axis(z, y[:, None], 1)
         g_all = jac - jnp.take_along_axis(jac, y[:, None, None], 1)
@@ -155,9 +175,12 @@ def _fab_core(fn: LogitsFn, x: Array, y: Array, keys: Array, targets: Array | No
         start = jnp.clip(x + radius * u / jnp.maximum(_linf(u), 1e-12).reshape(bshape), 0.0, 1.0)
         x1 = jnp.where(q % n_restarts > 0, start, x)
 
+        # The boundary of the next iterate is computed at the end of each
+        # iteration and carried: a loop-carried gradient is a buffer, whereas
+        # within one iteration XLA:CPU re-fuses a lazily summed input gradient
+        # (LeNet-5's col2im) into each of the projections' many consumers.
         def body(_, c):
-            x1, best, best_dist = c
-            f, w = boundary(x1, t)
+            x1, f, w, best, best_dist = c
             x1f = x1.reshape(b, -1)
             h = jnp.sum(w * x1f, axis=1) - f  # hyperplane w . z = h
             d1 = linf_hyperplane_projection(x1f, w, h)
@@ -173,9 +196,10 @@ def _fab_core(fn: LogitsFn, x: Array, y: Array, keys: Array, targets: Array | No
             best = where_b(better, x_new, best)
             best_dist = jnp.where(better, dist, best_dist)
             x_next = where_b(fooled, x + beta * (x_new - x), x_new)
-            return x_next, best, best_dist
+            return (x_next, *boundary(x_next, t), best, best_dist)
 
-        _, best, best_dist = jax.lax.fori_loop(0, steps, body, (x1, best, best_dist))
+        *_, best, best_dist = jax.lax.fori_loop(0, steps, body,
+                                                (x1, *boundary(x1, t), best, best_dist))
         return best, best_dist
 
     n_runs = n_targets * n_restarts
