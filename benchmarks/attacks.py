@@ -1,25 +1,29 @@
-"""Throughput of every attack on LeNet-5 / MNIST-shaped inputs, vs fwd+bwd.
+"""Throughput of every attack on LeNet-5 / MNIST-shaped inputs, vs its passes.
 
     python benchmarks/attacks.py            # paper settings, batch 500
     python benchmarks/attacks.py --quick    # smaller batch and budgets
 
 For each attack the table shows images/s and the ratio
 
-    attack time / (iterations x time of one jitted forward+backward pass)
+    attack time / (n_fb x one jitted forward+backward + n_f x one jitted forward)
 
 measured in the same run on the same batch (random LeNet-5 weights; labels are
-the model's own predictions so every example starts "correct"). Compilation
-is excluded (one warm-up call), every call ends in ``block_until_ready``, and
-times are medians over ``--repeats`` rounds through all attacks; each attack
-call is paired with a fwd+bwd reference timed just before it. Iterations are model evaluations:
-gradient steps for the gradient attacks (APGD: steps + 1), forward passes for
-Square (its ratio is against fwd+bwd, so < 1 is expected), and the *maximum*
-iteration count for attacks that stop early (JSMA, C&W, Square; marked '*'):
-their ratio is not a per-iteration overhead, only a fraction of the worst
-case. Target for the fixed-length iterative attacks: ratio <= ~1.2. The row
-``[fwd+bwd in fori_loop]`` is a bare 40-step sign-gradient loop: on XLA:CPU a
-while loop alone costs noticeably more than the same steps as separate jitted
-calls, so compare the attacks' ratios with it too.
+the model's own predictions so every example starts "correct"). ``n_fb`` and
+``n_f`` are the passes the algorithm needs (column ``passes``): gradient steps
+for the gradient attacks (APGD: steps + 1 per run), forward passes for Square
+(one per query), and for FAB one gradient (FAB-T) or the K-logit Jacobian
+(counted as one fwd+bwd, so its ratio is ~K/2 by construction) per iteration
+plus one at the start of each run, and one forward per iteration. Compilation is excluded (one warm-up call), every call
+ends in ``block_until_ready``, and times are medians over ``--repeats`` rounds
+through all attacks; each call is paired with references timed just before
+it. Rows at eps 0 never stop early (nothing is misclassified), so they cost
+their full passes: APGD-T, FAB, Square and AutoAttack's worst case. For
+attacks that stop early (JSMA, C&W, Square at eps > 0; marked '*') the ratio
+is against the *maximum* passes, only a fraction of the worst case. Target
+for the fixed-length iterative attacks: ratio <= ~1.2. The rows ``[fwd+bwd in
+fori_loop]`` and ``[fwd in fori_loop]`` are bare 40-step loops of the same
+passes: on XLA:CPU a loop costs less than the same steps as separate jitted
+calls (XLA hoists work out of it), so compare the attacks' ratios with them.
 """
 
 from __future__ import annotations
@@ -52,28 +56,49 @@ def timed(fn, repeats: int) -> float:
 
 
 def configs(quick: bool, eps: float):
-    """(label, attack name, kwargs, nominal iterations, stops early)."""
+    """(label, attack name, kwargs, (fwd+bwd passes, forward passes), stops early)."""
     if quick:
         cw = dict(binary_steps=2, steps=100)
-        sq, gamma = 500, 0.1
+        sq, gamma, it, nt = 500, 0.1, 20, 3
     else:
         cw = dict(binary_steps=9, steps=1000)
-        sq, gamma = 5000, 0.25
+        sq, gamma, it, nt = 5000, 0.25, 100, 9
     n_pixels = 28 * 28
+    # AutoAttack at eps 0: every component runs in full on every example.
+    aa_passes = ((it + 1) + 2 * nt * (it + 1), nt * it + sq)
     return [
-        ("fgsm", "fgsm", dict(eps=eps), 1, False),
-        ("bim (10)", "bim", dict(eps=eps), 10, False),
-        ("pgd (40)", "pgd", dict(eps=eps), 40, False),
-        ("mim (40)", "mim", dict(eps=eps), 40, False),
-        ("pgd_l2 (40)", "pgd_l2", dict(eps=2.0), 40, False),
-        ("apgd-ce (100)", "apgd", dict(eps=eps), 101, False),
-        ("apgd-dlr (100)", "apgd", dict(eps=eps, loss="dlr"), 101, False),
-        (f"square ({sq} q)", "square", dict(eps=eps, n_queries=sq), sq, True),
+        ("fgsm", "fgsm", dict(eps=eps), (1, 0), False),
+        ("bim (10)", "bim", dict(eps=eps), (10, 0), False),
+        ("pgd (40)", "pgd", dict(eps=eps), (40, 0), False),
+        ("mim (40)", "mim", dict(eps=eps), (40, 0), False),
+        ("pgd_l2 (40)", "pgd_l2", dict(eps=2.0), (40, 0), False),
+        ("apgd-ce (100)", "apgd", dict(eps=eps), (101, 0), False),
+        ("apgd-dlr (100)", "apgd", dict(eps=eps, loss="dlr"), (101, 0), False),
+        (f"apgd-t ({nt}x{it}, eps 0)", "apgd",
+         dict(eps=0.0, steps=it, targeted=True, n_target_classes=nt), (nt * (it + 1), 0), False),
+        (f"fab-t ({nt}x{it}, eps 0)", "fab",
+         dict(eps=0.0, steps=it, targeted=True, n_target_classes=nt, final_search_steps=0),
+         (nt * (it + 1), nt * it), False),
+        (f"fab ({it}, K-Jacobian, eps 0)", "fab", dict(eps=0.0, steps=it, final_search_steps=0),
+         (it + 1, it), False),
+        (f"square ({sq} q)", "square", dict(eps=eps, n_queries=sq), (0, sq), True),
+        (f"square ({sq} q, eps 0)", "square", dict(eps=0.0, n_queries=sq), (0, sq), False),
+        (f"autoattack (eps 0, {it} it, {sq} q)", "autoattack",
+         dict(eps=0.0, steps=it, n_queries=sq, n_target_classes=nt), aa_passes, False),
         (f"jsma (gamma {gamma})", "jsma", dict(gamma=gamma),
-         int(gamma * n_pixels / 2), True),
+         (int(gamma * n_pixels / 2), 0), True),
         (f"cw-l2 ({cw['binary_steps']}x{cw['steps']})", "carlini_wagner_l2", cw,
-         cw["binary_steps"] * cw["steps"], True),
+         (cw["binary_steps"] * cw["steps"], 0), True),
     ]
+
+
+def _passes(p: tuple[int, int]) -> str:
+    fb, f = p
+    return " + ".join(s for s in (f"{fb} fb" if fb else "", f"{f} f" if f else "") if s)
+
+
+# Rows that take minutes per call at full settings: timed in the first round only.
+_ONCE = ("cw-l2", "autoattack", "apgd-t", "fab", "square (5000 q, eps 0)")
 
 
 def main(argv=None) -> None:
@@ -110,14 +135,23 @@ def main(argv=None) -> None:
             return jnp.clip(xa + 1e-3 * jnp.sign(g), 0.0, 1.0)
         return jax.lax.fori_loop(0, 40, body, xb)
 
-    # Rows: (label, thunk, iterations, stops early).
-    rows = [("[fwd+bwd in fori_loop]", lambda: bare_loop(variables, x), 40, False)]
-    for label, name, kw, iters, early in configs(args.quick, args.eps):
+    @jax.jit
+    def bare_fwd_loop(v, xb):
+        def body(_, c):
+            xa, acc = c
+            z = model.apply(v, xa, train=False)
+            return jnp.clip(xa + 1e-6 * jnp.sign(z[:, :1, None, None]), 0.0, 1.0), acc + z[:, 0]
+        return jax.lax.fori_loop(0, 40, body, (xb, jnp.zeros(xb.shape[0])))
+
+    # Rows: (label, thunk, (fwd+bwd passes, forward passes), stops early).
+    rows = [("[fwd+bwd in fori_loop]", lambda: bare_loop(variables, x), (40, 0), False),
+            ("[fwd in fori_loop]", lambda: bare_fwd_loop(variables, x), (0, 40), False)]
+    for label, name, kw, passes, early in configs(args.quick, args.eps):
         if args.only and not any(o in label for o in args.only):
             continue
         attack = A.ATTACKS[name]
         rows.append((label, lambda attack=attack, kw=kw: attack(fn, x, y, key=key, **kw),
-                     iters, early))
+                     passes, early))
     for _, thunk, _, _ in rows:
         jax.block_until_ready(thunk())  # compile everything first
 
@@ -127,30 +161,30 @@ def main(argv=None) -> None:
     times = {label: [] for label, *_ in rows}
     ratios = {label: [] for label, *_ in rows}
     for r in range(repeats):
-        for label, thunk, iters, _ in rows:
-            if label.startswith("cw-l2") and not args.quick and r > 0:
+        for label, thunk, (n_fb, n_f), _ in rows:
+            if label.startswith(_ONCE) and not args.quick and r > 0:
                 continue  # minutes per call at the paper's settings: once is enough
-            ref = statistics.median(once(lambda: fwd_bwd(variables, x)) for _ in range(5))
+            ref_fb = statistics.median(once(lambda: fwd_bwd(variables, x)) for _ in range(5))
+            ref_f = statistics.median(once(lambda: fwd(variables, x)) for _ in range(5))
             t = once(thunk)
             times[label].append(t)
-            ratios[label].append(t / (iters * ref))
+            ratios[label].append(t / (n_fb * ref_fb + n_f * ref_f))
 
     print(f"device: {jax.devices()[0].device_kind}  batch {batch}  eps {args.eps}  "
           f"repeats {repeats}{'  (quick)' if args.quick else ''}")
     print(f"reference: fwd+bwd {t_fb * 1e3:.2f} ms   fwd {t_f * 1e3:.2f} ms   "
           f"({batch / t_fb:,.0f} img/s fwd+bwd)")
-    header = f"{'attack':<24}{'iters':>7}{'time (s)':>11}{'img/s':>11}{'ratio':>8}"
+    header = (f"{'attack':<36}{'passes':>20}{'time (s)':>11}{'img/s':>11}{'ratio':>8}")
     print(header)
     print("-" * len(header))
-    for label, _, iters, early in rows:
+    for label, _, passes, early in rows:
         t = statistics.median(times[label])
         ratio = statistics.median(ratios[label])
-        print(f"{label:<24}{iters:>7}{t:>11.3f}{batch / t:>11,.0f}"
+        print(f"{label:<36}{_passes(passes):>20}{t:>11.3f}{batch / t:>11,.1f}"
               f"{ratio:>7.2f}{'*' if early else ' '}")
-    print("ratio = attack time / (iters x fwd+bwd time measured just before it), median "
-          "over rounds")
-    print("* stops early per example: ratio against the maximum iteration count "
-          "(Square: forward passes vs fwd+bwd)")
+    print("ratio = attack time / (fb x fwd+bwd + f x fwd, each timed just before it), "
+          "median over rounds")
+    print("* stops early per example: ratio against the maximum passes")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ gives one error line on stderr, exit status 2, and writes nothing;
 Attack names are those of ``gce_jax.attacks.ATTACKS``, optionally with the
 objective: ``pgd:margin``, ``apgd:dlr``, ``square:xe``. Attacks without an
 eps (``jsma``, ``carlini_wagner_l2``) run once with the paper's settings.
+``autoattack`` (AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square) gives
+one row plus one cumulative row per component, with ``--apgd_steps`` and
+``--square_queries`` as its budgets.
 """
 
 from __future__ import annotations
@@ -77,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diag_eps", type=float, default=None,
                    help="eps of diagnostics checks 2-6 (default: grid eps nearest half clean accuracy)")
     p.add_argument("--restarts", type=int, default=5, help="PGD restarts for the convergence check")
-    p.add_argument("--apgd_steps", type=int, default=100, help="APGD iterations (AutoAttack: 100)")
-    p.add_argument("--square_queries", type=int, default=5000, help="Square queries (AutoAttack: 5000)")
+    p.add_argument("--apgd_steps", type=int, default=100, help="APGD iterations, also AutoAttack's per component (AutoAttack: 100)")
+    p.add_argument("--square_queries", type=int, default=5000, help="Square queries, also in AutoAttack (AutoAttack: 5000)")
     p.add_argument("--cw_binary_steps", type=int, default=None,
                    help="C&W-L2 binary search steps over c (default: the paper's 9)")
     p.add_argument("--cw_steps", type=int, default=None,
@@ -218,7 +221,7 @@ def _main_specs(attacks: list[tuple[str, str]], eps: list[float], config, args):
     pgd_kw = {"steps": args.pgd_steps, "step_size": args.pgd_step_size,
               "random_start": bool(config.eval.get("pgd_random_start", True))}
     for attack, loss in attacks:
-        if attack in E.FIXED_OBJECTIVE:
+        if attack in E.EPS_FREE_ATTACKS:
             if attack == "jsma":
                 for g in E.PAPER_JSMA_GAMMA.get(config.dataset, (0.25,)):
                     specs.append(E.paper_spec(attack, None, gamma=g, label=f"jsma (gamma={g:g})"))
@@ -230,9 +233,9 @@ def _main_specs(attacks: list[tuple[str, str]], eps: list[float], config, args):
             continue
         for e in eps:
             kw = dict(pgd_kw) if attack == "pgd" else {}
-            if attack == "apgd":
+            if attack in ("apgd", "autoattack"):
                 kw["steps"] = args.apgd_steps
-            if attack == "square":
+            if attack in ("square", "autoattack"):
                 kw["n_queries"] = args.square_queries
             specs.append(E.paper_spec(attack, e, loss=loss, **kw))
     return specs
@@ -283,7 +286,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     results = []
     try:
         for spec in _main_specs(attacks, eps, config, args):
-            results.append(ev.run(spec))
+            results.extend(ev.run(spec).with_components())
     except E.EvaluationError as e:
         raise CLIError(str(e)) from None
 

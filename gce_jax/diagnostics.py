@@ -16,6 +16,8 @@ Athalye et al. (2018), Carlini et al. (2019) and AutoAttack (Croce & Hein
 6. Convergence: doubling iterations / adding restarts changes little.
 7. Few examples have an exactly-zero cross-entropy input gradient.
 8. (info) per-example worst case over all attacks.
+9. The worst case includes AutoAttack standard (APGD-CE, APGD-T, FAB-T,
+   Square): without it no verdict says "no masking detected".
 
 Every comparison is *paired* (same examples), and an excess counts only if it
 is both larger than the check's tolerance and statistically clear under a
@@ -86,7 +88,11 @@ VERDICT_INCONCLUSIVE = "inconclusive"
 
 CHECK_NAMES = ("curve_monotone", "curve_reaches_zero", "iterative_vs_single_step",
                "loss_sensitivity", "black_box_vs_white_box", "transfer_vs_white_box",
-               "convergence", "zero_gradients", "worst_case", "attack_budget")
+               "convergence", "zero_gradients", "worst_case", "autoattack_standard",
+               "attack_budget")
+# AutoAttack standard's components and its budgets (iterations, Square queries).
+AUTOATTACK_COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+AUTOATTACK_STEPS, AUTOATTACK_QUERIES = 100, 5000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +109,10 @@ class DiagnosticsConfig:
       square_queries: AutoAttack: 5000. restarts: for the convergence check.
       model_loss: the model's training loss; ``'gce'`` adds a GCE-loss PGD
         (the authors' evaluation) as an informational row.
+      autoattack: run AutoAttack standard at the diagnostics eps (its APGD and
+        FAB iterations are ``apgd_steps``, Square's queries ``square_queries``).
+        Without it, or an equivalent set of rows, the verdict cannot be
+        "no masking detected".
     """
 
     eps: float | None = None
@@ -115,6 +125,7 @@ class DiagnosticsConfig:
     restarts: int = 5
     curve_max_eps: float = CURVE_MAX_EPS
     model_loss: str | None = None
+    autoattack: bool = True
 
     def pgd_step(self, eps: float) -> float:
         if self.pgd_step_size is None:
@@ -398,8 +409,60 @@ def check_zero_gradients(masks: tuple[np.ndarray, np.ndarray] | None,
                  + (f"; > {ZERO_GRAD_MAX_FRACTION:.0%}" if bad else ""), vals)
 
 
+def autoattack_coverage(results: Sequence[AttackResult]) -> list[str]:
+    """AutoAttack standard's components that none of ``results`` covers.
+
+    An ``autoattack`` row (version standard) covers all four; otherwise
+    ``apgd`` with cross-entropy covers APGD-CE, targeted ``apgd`` APGD-T,
+    targeted ``fab`` FAB-T and margin ``square`` Square. Transfer rows and
+    an ensemble's component rows cover nothing.
+    """
+    covered: set[str] = set()
+    for r in results:
+        if r.component_of or r.record.get("source", "self") != "self":
+            continue
+        a, p, loss = r.spec.attack, r.spec.params, r.spec.loss
+        if a == "autoattack" and p.get("version", "standard") == "standard":
+            covered.update(AUTOATTACK_COMPONENTS)
+        elif a == "apgd" and p.get("targeted"):
+            covered.add("apgd-t")
+        elif a == "apgd" and loss in (None, "xe"):
+            covered.add("apgd-ce")
+        elif a == "fab" and p.get("targeted"):
+            covered.add("fab-t")
+        elif a == "square" and loss == "margin":
+            covered.add("square")
+    return [c for c in AUTOATTACK_COMPONENTS if c not in covered]
+
+
+def check_autoattack(results: Sequence[AttackResult], eps: float) -> Check:
+    """Check 9: the worst case at ``eps`` includes AutoAttack standard."""
+    missing = autoattack_coverage(results)
+    aa = [r for r in results if r.spec.attack == "autoattack" and not r.component_of]
+    vals: dict[str, Any] = {"eps": eps, "missing": missing}
+    if missing:
+        return Check("autoattack_standard", SKIPPED,
+                     f"the worst case at eps={eps:g} lacks AutoAttack standard: "
+                     f"missing {', '.join(missing)}", vals)
+    msg = f"the worst case at eps={eps:g} includes AutoAttack standard"
+    if aa:
+        p = aa[0].spec.params
+        steps, queries = p.get("steps", AUTOATTACK_STEPS), p.get("n_queries", AUTOATTACK_QUERIES)
+        vals.update(autoattack=aa[0].robust_accuracy, steps=steps, n_queries=queries)
+        msg += f" ({aa[0].robust_accuracy:.2%} robust"
+        if steps < AUTOATTACK_STEPS or queries < AUTOATTACK_QUERIES:
+            msg += (f"; reduced budgets: {steps} iterations, {queries} queries, standard "
+                    f"{AUTOATTACK_STEPS}, {AUTOATTACK_QUERIES}")
+        msg += ")"
+    return Check("autoattack_standard", PASS, msg, vals)
+
+
 def verdict(checks: Sequence[Check], *, num_clean_correct: int) -> str:
-    """One line: no masking detected | gradient masking suspected: ... | inconclusive: ..."""
+    """One line: no masking detected | gradient masking suspected: ... | inconclusive: ...
+
+    "no masking detected" needs every required check to pass, the
+    AutoAttack check included.
+    """
     failed = [c.name for c in checks if c.status == FAIL]
     if num_clean_correct < MIN_CORRECT_EXAMPLES:
         msg = (f"{VERDICT_INCONCLUSIVE}: only {num_clean_correct} correctly classified "
@@ -407,9 +470,16 @@ def verdict(checks: Sequence[Check], *, num_clean_correct: int) -> str:
         return msg + (f"; failed: {', '.join(failed)}" if failed else "")
     if failed:
         return f"{VERDICT_MASKING}: {', '.join(failed)}"
-    skipped = [c.name for c in checks if c.status == SKIPPED and c.required]
+    skipped = [c for c in checks if c.status == SKIPPED and c.required]
     if skipped:
-        return f"{VERDICT_INCONCLUSIVE}: could not run {', '.join(skipped)}"
+        parts = []
+        others = [c.name for c in skipped if c.name != "autoattack_standard"]
+        if others:
+            parts.append(f"could not run {', '.join(others)}")
+        parts += [f"worst case lacks AutoAttack standard (missing: "
+                  f"{', '.join(c.values.get('missing', AUTOATTACK_COMPONENTS))})"
+                  for c in skipped if c.name == "autoattack_standard"]
+        return f"{VERDICT_INCONCLUSIVE}: {'; '.join(parts)}"
     return VERDICT_OK
 
 
@@ -570,6 +640,13 @@ def run_diagnostics(ev: Evaluator, config: DiagnosticsConfig = DiagnosticsConfig
 
     checks.append(check_zero_gradients(zmask, ev.clean_correct))
 
+    # 9 (run before 8, which it joins). AutoAttack standard on the survivors.
+    if config.autoattack:
+        aa = attempt(paper_spec("autoattack", eps, steps=config.apgd_steps,
+                                n_queries=config.square_queries))
+        if aa is not None:
+            results.extend(aa.components)
+
     # 8. Per-example worst case at the diagnostics eps (informational).
     same_eps = [r for r in [*results, *extra_results]
                 if r.spec.norm == "linf" and r.spec.eps == eps]
@@ -583,6 +660,7 @@ def run_diagnostics(ev: Evaluator, config: DiagnosticsConfig = DiagnosticsConfig
             dict(worst), required=False))
     else:
         checks.append(Check("worst_case", SKIPPED, "no attack ran", required=False))
+    checks.append(check_autoattack(same_eps, eps))
 
     checks.append(budget_check)
     v = verdict(checks, num_clean_correct=int(ev.clean_correct.sum()))

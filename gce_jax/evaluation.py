@@ -42,6 +42,7 @@ from gce_jax import attacks as _attacks
 from gce_jax import parallel
 from gce_jax.attacks.jsma import max_iterations as jsma_max_iterations
 from gce_jax.provenance import atomic_write, git_info, hardware_info, now_iso
+from gce_jax.attacks.autoattack import ROBUST
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -74,9 +75,15 @@ ATTACK_NORMS: dict[str, str] = _attacks.ATTACK_NORMS
 BOUNDED_NORMS = ("linf", "l2")
 # Attacks that never see a gradient of the attacked model.
 BLACK_BOX_ATTACKS = frozenset({"square"})
-# Attacks with their own fixed objective (and no eps): no ``loss=``/``eps=`` is
-# passed and the record names the objective they use.
+# Attacks with their own fixed objective: no ``loss=`` is passed and the
+# record names the objective they use (JSMA and C&W also take no eps).
 FIXED_OBJECTIVE: dict[str, str] = _attacks.FIXED_OBJECTIVES
+# Minimum-norm attacks without a budget argument (JSMA, C&W): one run each.
+EPS_FREE_ATTACKS = frozenset(name for name, fn in _attacks.ATTACKS.items()
+                             if "eps" not in inspect.signature(fn).parameters)
+# Ensembles: the attack returns an ``AutoAttackResult``, and the evaluator
+# adds one cumulative row per component (``AttackResult.components``).
+ENSEMBLE_ATTACKS = frozenset({"autoattack"})
 
 # Slack for float32 round-off when checking an attack stays in its ball.
 _BOUND_TOL = 1e-5
@@ -91,7 +98,9 @@ PAPER_PARAMS: dict[str, dict[str, Any]] = {
     "mim": {"steps": 40, "step_size": lambda eps: eps / 40, "decay": 1.0},
     "pgd_l2": {"steps": 40, "step_size": lambda eps: 2.5 * eps / 40},
     "apgd": {"steps": 100},
+    "fab": {"steps": 100},
     "square": {"n_queries": 5000, "p_init": 0.8},
+    "autoattack": {"version": "standard", "steps": 100, "n_queries": 5000},
     "jsma": {"gamma": 0.25, "theta": 1.0},  # gamma per data set: PAPER_JSMA_GAMMA
     "carlini_wagner_l2": {"binary_steps": 9, "steps": 1000, "initial_const": 1e-3,
                           "confidence": 0.0, "targeted": True},
@@ -99,7 +108,8 @@ PAPER_PARAMS: dict[str, dict[str, Any]] = {
 # Default objective per attack: the paper's is cross-entropy; Square's
 # natural (and AutoAttack's) objective is the margin.
 DEFAULT_LOSS: dict[str, str | None] = {
-    "square": "margin", "jsma": None, "carlini_wagner_l2": None,
+    "square": "margin", "jsma": None, "carlini_wagner_l2": None, "fab": None,
+    "autoattack": None,
 }
 
 # Paper eps grids (Tables 3-4) per data set family.
@@ -155,6 +165,9 @@ class AttackSpec:
             raise EvaluationError(f"eps must be a finite number >= 0, got {self.eps}")
         if self.restarts < 1:
             raise EvaluationError(f"restarts must be >= 1, got {self.restarts}")
+        if self.attack in ENSEMBLE_ATTACKS and self.restarts != 1:
+            raise EvaluationError(f"{self.attack} runs its components' own restarts; "
+                                  f"restarts must be 1, got {self.restarts}")
         if not self.label:
             suffix = f"-{self.loss}" if self.loss else ""
             object.__setattr__(self, "label", f"{self.attack}{suffix}")
@@ -172,11 +185,10 @@ class AttackSpec:
     def call_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the attack call (besides ``key``)."""
         kw = dict(self.params)
-        if self.attack not in FIXED_OBJECTIVE:
-            if self.eps is not None:
-                kw["eps"] = self.eps
-            if self.loss is not None:
-                kw["loss"] = self.loss
+        if self.eps is not None:
+            kw["eps"] = self.eps
+        if self.loss is not None and self.attack not in FIXED_OBJECTIVE:
+            kw["loss"] = self.loss
         return kw
 
     def key(self) -> str:
@@ -267,6 +279,14 @@ class AttackResult:
     spec: AttackSpec
     robust: np.ndarray  # bool [n]: clean-correct and adversarially correct
     record: dict[str, Any]
+    # An ensemble's cumulative rows, one per component (see component_results);
+    # ``component_of`` is the ensemble's label on such a row.
+    components: list["AttackResult"] = dataclasses.field(default_factory=list)
+    component_of: str = ""
+
+    def with_components(self) -> list["AttackResult"]:
+        """This result followed by its component rows (for report tables)."""
+        return [self, *self.components]
 
     @property
     def robust_accuracy(self) -> float:
@@ -444,6 +464,7 @@ class Evaluator:
         # other attack each batch gets its own key.
         keyed_by_example = "example_offset" in inspect.signature(attack_fn).parameters
         batches = list(_batches(self.n, self.batch_size))
+        ensemble = _EnsembleTally(self.n) if spec.attack in ENSEMBLE_ATTACKS else None
         bar = tqdm(total=self.n * spec.restarts, desc=progress_name(spec, source),
                    unit="ex", disable=not self.progress, leave=False, dynamic_ncols=True)
         try:
@@ -462,8 +483,10 @@ class Evaluator:
                         call = dict(key=rkey, example_offset=s)
                     else:
                         call = dict(key=jax.random.fold_in(rkey, b))
-                    x_adv = np.asarray(attack_fn(craft_fn, xb, yb, **call, **kwargs))
-                    x_adv = x_adv[: e - s]
+                    x_adv = attack_fn(craft_fn, xb, yb, **call, **kwargs)
+                    if ensemble is not None:
+                        x_adv = ensemble.add(s, e, x_adv)
+                    x_adv = np.asarray(x_adv)[: e - s]
                     delta = (x_adv - self.x[s:e]).reshape(e - s, -1)
                     linf = np.abs(delta).max(axis=1) if delta.size else np.zeros(e - s)
                     dist2 = np.sqrt((delta.astype(np.float64) ** 2).sum(axis=1))
@@ -515,6 +538,8 @@ class Evaluator:
         }
         assert tuple(record) == RECORD_KEYS
         result = AttackResult(spec, robust, record)
+        if ensemble is not None:
+            result.components = ensemble.component_results(result, self.clean_correct)
         self._cache[cache_key] = result
         return result
 
@@ -535,17 +560,60 @@ class Evaluator:
                                   f"(max {l2.max():.6g} > eps {spec.eps})")
 
 
+class _EnsembleTally:
+    """Collects an ensemble's ``broken_by`` over the batches of one spec."""
+
+    def __init__(self, n: int):
+        self.broken_by = np.full(n, ROBUST, np.int32)
+        self.names: tuple[str, ...] = ()
+        self.seconds: np.ndarray | None = None
+
+    def add(self, s: int, e: int, out: Any) -> Array:
+        if not isinstance(out, _attacks.AutoAttackResult):
+            raise EvaluationError(f"an ensemble attack must return an AutoAttackResult, "
+                                  f"got {type(out).__name__}")
+        self.broken_by[s:e] = np.asarray(out.broken_by)[: e - s]
+        self.names = out.components
+        secs = np.asarray(out.seconds, np.float64)
+        self.seconds = secs if self.seconds is None else self.seconds + secs
+        return out.x_adv
+
+    def component_results(self, main: AttackResult,
+                          clean_correct: np.ndarray) -> list[AttackResult]:
+        """One cumulative row per component: robust to it and every one before it.
+
+        The last row's mask is the ensemble's own (an example the final
+        check finds robust counts as robust at every stage). Distortion
+        columns are left empty: they describe the ensemble's result.
+        """
+        rows = []
+        for c, name in enumerate(self.names):
+            robust = main.robust | (clean_correct & (self.broken_by > c))
+            record = dict(main.record)
+            record.update(
+                label=f"{main.spec.label} > {name}", robust_accuracy=float(robust.mean()),
+                num_robust=int(robust.sum()), max_linf=None, mean_l2=None,
+                wall_time_s=round(float(self.seconds[c]), 3),
+                settings={"component": c, "name": name, "cumulative": True,
+                          "broke": int(np.sum(self.broken_by == c))})
+            spec = dataclasses.replace(main.spec, label=record["label"])
+            rows.append(AttackResult(spec, robust, record, component_of=main.spec.label))
+        return rows
+
+
 def best_robust(results: Sequence[AttackResult]) -> list[dict[str, Any]]:
     """Per-example worst case over attacks sharing a threat model.
 
     Results are grouped by (norm, eps); within a group an example is robust
     only if every attack (white-box, black-box or transfer) failed on it.
     Attacks without an eps (JSMA, C&W) form one group per configuration.
+    An ensemble's component rows are skipped: the ensemble's own row is the
+    strongest of them.
     """
     groups: dict[tuple, list[AttackResult]] = {}
     seen: set[int] = set()
     for r in results:
-        if id(r) in seen:  # cached results can be listed twice (table + diagnostics)
+        if id(r) in seen or r.component_of:  # cached results can be listed twice
             continue
         seen.add(id(r))
         key = ((r.spec.norm, r.spec.eps) if r.spec.eps is not None

@@ -543,8 +543,17 @@ def test_paper_defaults_are_the_function_defaults():
     d = _defaults(A.jsma)
     assert (d["theta"], d["gamma"]) == (1.0, 0.25)
     d = _defaults(A.apgd)
-    assert (d["steps"], d["n_restarts"], d["rho"], d["momentum"], d["loss"]) == (
-        100, 1, 0.75, 0.75, "xe")
+    assert (d["steps"], d["n_restarts"], d["rho"], d["momentum"], d["n_target_classes"]) == (
+        100, 1, 0.75, 0.75, 9)
+    # loss=None: APGD-CE untargeted, the targeted DLR for APGD-T (AutoAttack's).
+    assert A.attack_spec("apgd", eps=0.1)["loss"] == "xe"
+    assert A.attack_spec("apgd", eps=0.1, targeted=True)["loss"] == "dlr"
+    d = _defaults(A.fab)
+    assert (d["steps"], d["n_restarts"], d["alpha_max"], d["eta"], d["beta"],
+            d["n_target_classes"]) == (100, 1, 0.1, 1.05, 0.9, 9)
+    d = _defaults(A.autoattack)
+    assert (d["version"], d["steps"], d["n_queries"], d["n_target_classes"]) == (
+        "standard", 100, 5000, 9)
     d = _defaults(A.square)
     assert (d["n_queries"], d["p_init"], d["loss"]) == (5000, 0.8, "margin")
     assert A.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
@@ -552,7 +561,9 @@ def test_paper_defaults_are_the_function_defaults():
 
 def test_attack_spec_and_registry():
     assert set(A.ATTACKS) == {"fgsm", "bim", "pgd", "mim", "pgd_l2", "jsma",
-                              "carlini_wagner_l2", "apgd", "square"}
+                              "carlini_wagner_l2", "apgd", "fab", "square", "autoattack"}
+    assert A.attack_spec("autoattack", eps=0.1)["norm"] == "linf"
+    assert A.attack_spec("fab", eps=0.1)["loss"] == "linearised_boundary"
     spec = A.attack_spec("pgd", eps=0.3, loss="dlr")
     assert spec["loss"] == "dlr" and spec["eps"] == 0.3 and spec["steps"] == 40
     assert spec["norm"] == "linf"

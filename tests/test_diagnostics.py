@@ -122,6 +122,14 @@ def test_normal_model_is_not_flagged(digits, twin):
     assert diag.curve_accuracy[0] == pytest.approx(ev.clean_accuracy)
     assert diag.curve_accuracy[-1] <= D.ZERO_ACC_MAX
     assert diag.eps in SMALL.eps_grid
+    # AutoAttack standard ran at the diagnostics eps, joined the worst case
+    # (its component rows did not), and is what allows "no masking detected".
+    labels = [r.spec.label for r in diag.results]
+    assert "autoattack" in labels and "autoattack > square" in labels
+    assert "autoattack" in diag.worst_case["attacks"]
+    assert not any(">" in a for a in diag.worst_case["attacks"])
+    aa = next(r for r in diag.results if r.spec.label == "autoattack")
+    assert diag.worst_case["robust_accuracy"] <= aa.robust_accuracy
 
 
 def test_noop_attacks_are_flagged_and_broken_attacks_make_checks_skip(digits):
@@ -227,6 +235,33 @@ def test_verdict():
     assert v.startswith(D.VERDICT_INCONCLUSIVE) and "b" in v
     v = D.verdict(bad, num_clean_correct=D.MIN_CORRECT_EXAMPLES - 1)
     assert v.startswith(D.VERDICT_INCONCLUSIVE) and "zero_gradients" in v
+
+
+def test_verdict_needs_autoattack_standard_in_the_worst_case():
+    def row(attack, loss, source="self", **params):
+        spec = E.AttackSpec(attack, 0.1, loss, params=params)
+        return E.AttackResult(spec, _mask(50), {"robust_accuracy": 0.25, "source": source})
+
+    passed = [D.Check("a", D.PASS, "")]
+    ce, square = row("apgd", "xe"), row("square", "margin")
+    c = D.check_autoattack([ce, square, row("apgd", "dlr")], 0.1)
+    assert c.status == D.SKIPPED and c.required and c.values["missing"] == ["apgd-t", "fab-t"]
+    v = D.verdict(passed + [c], num_clean_correct=500)
+    assert v == (f"{D.VERDICT_INCONCLUSIVE}: worst case lacks AutoAttack standard "
+                 "(missing: apgd-t, fab-t)")
+    # The components run separately cover it too; a transfer row does not.
+    parts = [ce, square, row("apgd", "dlr", targeted=True), row("fab", None, targeted=True)]
+    assert D.check_autoattack(parts, 0.1).status == D.PASS
+    assert D.autoattack_coverage([row("autoattack", None, source="xe-twin")]) == list(
+        D.AUTOATTACK_COMPONENTS)
+    aa = row("autoattack", None, version="standard", steps=10, n_queries=100)
+    c = D.check_autoattack([aa], 0.1)
+    assert c.status == D.PASS and "reduced budgets" in c.message
+    assert D.verdict(passed + [c], num_clean_correct=500) == D.VERDICT_OK
+    # A failed check still wins over a missing AutoAttack.
+    missing = D.check_autoattack([ce], 0.1)
+    assert D.verdict([D.Check("convergence", D.FAIL, ""), missing],
+                     num_clean_correct=500) == f"{D.VERDICT_MASKING}: convergence"
 
 
 def test_eps_grid_extension_and_choice():

@@ -410,3 +410,27 @@ def test_evaluation_is_independent_of_batch_size_and_device_count():
                 if a.record[k] is not None:
                     assert b.record[k] == pytest.approx(a.record[k], rel=1e-4, abs=1e-6)
     assert any(0 < one.run(s).robust.sum() < one.clean_correct.sum() for s in specs)
+
+
+@pytest.mark.slow
+def test_cli_autoattack_end_to_end(tiny_run, tmp_path):
+    from experiments import evaluate as cli
+    out = tmp_path / "aa"
+    assert cli.main(["--workdir", tiny_run, "--attacks", "autoattack", "pgd", "--eps", "0.1",
+                     "--n", "24", "--pgd_steps", "5", "--apgd_steps", "3",
+                     "--square_queries", "20", "--no_diagnostics", "--out", str(out),
+                     "--no_progress"]) == 0
+    rep = json.load(open(out / "robustness.json"))
+    rows = rep["results"]
+    assert [r["label"] for r in rows] == [
+        "autoattack", "autoattack > apgd-ce", "autoattack > apgd-t", "autoattack > fab-t",
+        "autoattack > square", "pgd-xe"]
+    assert rows[0]["settings"]["steps"] == 3 and rows[0]["settings"]["n_queries"] == 20
+    assert rows[0]["max_linf"] <= 0.1 + 1e-5
+    cumulative = [r["robust_accuracy"] for r in rows[1:5]]
+    assert cumulative == sorted(cumulative, reverse=True)
+    assert cumulative[-1] == rows[0]["robust_accuracy"] < rows[0]["clean_accuracy"]
+    (group,) = rep["best_robust"]
+    assert group["attacks"] == ["autoattack", "pgd-xe"]
+    assert group["robust_accuracy"] <= rows[0]["robust_accuracy"]
+    assert "| autoattack > apgd-t |" in (out / "robustness.md").read_text()

@@ -16,7 +16,10 @@ Every attack has the signature ::
   (``xe | margin | dlr | gce``). JSMA (Jacobian of the logits) and C&W (its own
   margin) have fixed objectives; ``attack_spec`` records them.
 
-Attacks: ``fgsm, bim, pgd, mim, pgd_l2, jsma, carlini_wagner_l2, apgd, square``.
+Attacks: ``fgsm, bim, pgd, mim, pgd_l2, jsma, carlini_wagner_l2, apgd``
+(APGD-T with ``targeted=True``), ``fab`` (FAB / FAB-T), ``square``, and the
+ensemble ``autoattack`` (APGD-CE, APGD-T, FAB-T, Square; it returns an
+``AutoAttackResult`` with the component that broke each example).
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ import inspect
 from typing import Any, Callable
 
 from gce_jax.attacks._common import draw_targets, inference_logits_fn
-from gce_jax.attacks.apgd import apgd, apgd_checkpoints
+from gce_jax.attacks.apgd import apgd, apgd_checkpoints, resolved_loss
+from gce_jax.attacks.autoattack import (AutoAttackResult, autoattack,
+                                        autoattack_components)
 from gce_jax.attacks.cw import carlini_wagner_l2
+from gce_jax.attacks.fab import fab
 from gce_jax.attacks.gradient import bim, fgsm, mim, pgd, pgd_l2
 from gce_jax.attacks.jsma import jsma
-from gce_jax.attacks.objectives import OBJECTIVES, get_objective
+from gce_jax.attacks.objectives import OBJECTIVES, get_objective, targeted_objective
 from gce_jax.attacks.square import square
 
 ATTACKS: dict[str, Callable[..., Any]] = {
@@ -41,7 +47,9 @@ ATTACKS: dict[str, Callable[..., Any]] = {
     "jsma": jsma,
     "carlini_wagner_l2": carlini_wagner_l2,
     "apgd": apgd,
+    "fab": fab,
     "square": square,
+    "autoattack": autoattack,
 }
 
 # Threat model of each attack (JSMA and C&W are minimum-norm attacks: their
@@ -49,9 +57,12 @@ ATTACKS: dict[str, Callable[..., Any]] = {
 # argument, the fixed objective they use. The evaluator records both.
 ATTACK_NORMS: dict[str, str] = {
     "fgsm": "linf", "bim": "linf", "pgd": "linf", "mim": "linf", "apgd": "linf",
-    "square": "linf", "pgd_l2": "l2", "carlini_wagner_l2": "l2", "jsma": "l0"}
+    "fab": "linf", "square": "linf", "autoattack": "linf", "pgd_l2": "l2",
+    "carlini_wagner_l2": "l2", "jsma": "l0"}
 FIXED_OBJECTIVES: dict[str, str] = {
-    "jsma": "logit_jacobian_saliency", "carlini_wagner_l2": "cw_margin"}
+    "jsma": "logit_jacobian_saliency", "carlini_wagner_l2": "cw_margin",
+    "fab": "linearised_boundary",
+    "autoattack": "apgd-ce:xe, apgd-t:dlr_targeted, fab-t:linearised_boundary, square:margin"}
 # Defaults computed from other arguments (documented in each attack).
 _DERIVED_STEP = {"bim": 1.0, "mim": 1.0, "pgd_l2": 2.5}
 _NOT_RECORDED = ("logits_fn", "x", "y", "key", "targets", "batch_chunk")
@@ -80,12 +91,16 @@ def attack_spec(name: str, **kwargs: Any) -> dict[str, Any]:
         params["step_size"] = _DERIVED_STEP[name] * float(params["eps"]) / params["steps"]
     spec = {"attack": name, "norm": ATTACK_NORMS[name]}
     spec["loss"] = params.pop("loss", FIXED_OBJECTIVES.get(name))
+    if name == "apgd" and spec["loss"] is None:
+        spec["loss"] = resolved_loss(None, bool(params.get("targeted")))
     spec.update(params)
     if "targets" in kwargs and kwargs["targets"] is not None:
         spec["targets"] = "given"
     return spec
 
 
-__all__ = ["ATTACKS", "ATTACK_NORMS", "FIXED_OBJECTIVES", "OBJECTIVES", "attack_spec", "apgd", "apgd_checkpoints", "bim",
-           "carlini_wagner_l2", "draw_targets", "fgsm", "get_objective",
-           "inference_logits_fn", "jsma", "mim", "pgd", "pgd_l2", "square"]
+__all__ = ["ATTACKS", "ATTACK_NORMS", "FIXED_OBJECTIVES", "OBJECTIVES", "AutoAttackResult",
+           "attack_spec", "apgd", "apgd_checkpoints", "autoattack", "autoattack_components",
+           "bim", "carlini_wagner_l2", "draw_targets", "fab", "fgsm", "get_objective",
+           "inference_logits_fn", "jsma", "mim", "pgd", "pgd_l2", "square",
+           "targeted_objective"]

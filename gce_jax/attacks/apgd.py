@@ -1,4 +1,4 @@
-r"""Auto-PGD, L_inf (Croce & Hein, ICML 2020), untargeted, with restarts.
+r"""Auto-PGD, L_inf (Croce & Hein, ICML 2020): APGD-CE/-DLR and targeted APGD-T.
 
 Iteration (projection :math:`P` onto the eps-ball around x and [0,1]):
 
@@ -20,11 +20,20 @@ the step is halved and the iterate restarts from :math:`x_{max}` if
 
 Every quantity (step size, counters, best points) is per example; the
 checkpoint decisions are masks. Each restart starts from an independent
-uniform point in the ball; restarts stop early once every example is
-misclassified.
+uniform point in the ball. An example misclassified by one run keeps that
+run's point: later runs do not touch it.
 
-Returned point per example: the last misclassified iterate found (any restart)
-if there is one, else the highest-objective point over all restarts.
+APGD-T (``targeted=True``) runs this iteration once per target class and
+restart, maximising the targeted objective (default: the targeted DLR,
+``objectives.dlr_targeted``). The targets are the ``n_target_classes``
+classes with the largest clean logits other than the label (AutoAttack: 9),
+tried in that order. Success is still misclassification: an example is done
+once any run misclassifies it. Runs are numbered ``q = j * n_restarts + r``
+(target ``j``, restart ``r``; untargeted: ``q = r``) and stop early once every
+example is misclassified.
+
+Returned point per example: the last misclassified iterate of the first run
+that misclassified it, if any, else the highest-objective point over all runs.
 """
 
 from __future__ import annotations
@@ -38,10 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, budget, check_inputs,
-                                     example_keys, finish, linf_project, run_chunked,
-                                     working_precision)
+                                     example_keys, finish, linf_project, num_classes,
+                                     run_chunked, working_precision)
 from gce_jax.attacks.gradient import _random_start
-from gce_jax.attacks.objectives import get_objective
+from gce_jax.attacks.objectives import (N_TARGET_CLASSES, get_objective, n_target_count,
+                                        target_matrix,
+                                        targeted_objective, top_other_classes)
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -58,11 +69,22 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return [w for w in ws if 0 < w < steps]
 
 
-def _apgd_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array, *,
-               steps: int, n_restarts: int, loss: str, rho: float,
-               momentum: float) -> Array:
-    objective = get_objective(loss)
+def _apgd_core(fn: LogitsFn, x: Array, y: Array, keys: Array, targets: Array | None,
+               eps: Array, *, steps: int, n_restarts: int, loss: str, rho: float,
+               momentum: float, targeted: bool, n_targets: int) -> Array:
     bshape = (-1,) + (1,) * (x.ndim - 1)
+    if targeted:
+        targeted_obj = targeted_objective(loss)
+        if targets is None:
+            targets = top_other_classes(fn(x), y, n_targets)
+
+        def objective(logits, t):
+            return targeted_obj(logits, y, t)
+    else:
+        untargeted_obj = get_objective(loss)
+
+        def objective(logits, t):
+            return untargeted_obj(logits, y)
 
     # is_check[w_j] and window[w_j] = w_j - w_{j-1} (the steps condition 1
     # looks back over), indexed by iteration count; static tables.
@@ -75,10 +97,10 @@ def _apgd_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array, *,
     is_check = jnp.asarray(is_check_np)
     window = jnp.asarray(window_np)
 
-    def f_and_grad(xa):
+    def f_and_grad(xa, t):
         def total(v):
             logits = fn(v)
-            f = objective(logits, y)
+            f = objective(logits, t)
             return jnp.sum(f), (f, logits)
         (_, (f, logits)), g = jax.value_and_grad(total, has_aux=True)(xa)
         return f, g, jnp.argmax(logits, axis=-1) != y
@@ -86,11 +108,17 @@ def _apgd_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array, *,
     def where_b(mask, a, b):
         return jnp.where(mask.reshape(bshape), a, b)
 
-    def one_restart(r, carry):
+    def one_run(q, carry):
         adv, found, x_top, f_top = carry
-        rkeys = jax.vmap(lambda k: jax.random.fold_in(k, r))(keys)
+        # Examples misclassified by an earlier run keep that run's point, so
+        # a result never depends on which other examples share the batch.
+        open_ = ~found
+        t = (None if targets is None
+             else jax.lax.dynamic_index_in_dim(targets, q // n_restarts, 1, keepdims=False))
+        rkeys = jax.vmap(lambda k: jax.random.fold_in(k, q))(keys)
         x0 = _random_start(rkeys, x, eps, "linf")
-        f0, g0, fooled0 = f_and_grad(x0)
+        f0, g0, fooled0 = f_and_grad(x0, t)
+        fooled0 = fooled0 & open_
         adv = where_b(fooled0, x0, adv)
         found = found | fooled0
         eta0 = jnp.full(y.shape, 2.0, x.dtype) * eps
@@ -105,7 +133,8 @@ def _apgd_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array, *,
             z = linf_project(s["x_cur"] + eta * jnp.sign(s["g_cur"]), x, eps)
             x_new = linf_project(s["x_cur"] + a * (z - s["x_cur"])
                                  + (1 - a) * (s["x_cur"] - s["x_prev"]), x, eps)
-            f_new, g_new, fooled = f_and_grad(x_new)
+            f_new, g_new, fooled = f_and_grad(x_new, t)
+            fooled = fooled & open_
             adv = where_b(fooled, x_new, s["adv"])
             found = s["found"] | fooled
             count = s["count"] + (f_new > s["f_cur"])
@@ -137,56 +166,92 @@ def _apgd_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array, *,
         f_top = jnp.where(improved, s["f_max"], f_top)
         return s["adv"], s["found"], x_top, f_top
 
-    def cond(c):
-        r, (_, found, _, _) = c
-        return (r < n_restarts) & ~jnp.all(found)
+    n_runs = n_targets * n_restarts
 
-    def restart(c):
-        r, carry = c
-        return r + 1, one_restart(r, carry)
+    def cond(c):
+        q, (_, found, _, _) = c
+        return (q < n_runs) & ~jnp.all(found)
+
+    def run(c):
+        q, carry = c
+        return q + 1, one_run(q, carry)
 
     init = (x, jnp.zeros(y.shape, bool), x, jnp.full(y.shape, -jnp.inf, jnp.float32))
-    _, (adv, found, x_top, _) = jax.lax.while_loop(cond, restart, (0, init))
+    _, (adv, found, x_top, _) = jax.lax.while_loop(cond, run, (0, init))
     return where_b(found, adv, x_top)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "steps", "n_restarts", "loss", "rho", "momentum", "batch_chunk"))
-def _apgd_jit(fn, x, y, key, eps, example_offset, *, steps, n_restarts, loss, rho, momentum,
-              batch_chunk):
+    "steps", "n_restarts", "loss", "rho", "momentum", "targeted", "n_targets", "batch_chunk"))
+def _apgd_jit(fn, x, y, key, eps, example_offset, targets, *, steps, n_restarts, loss, rho,
+              momentum, targeted, n_targets, batch_chunk):
     keys = example_keys(key, x.shape[0], example_offset)
     x_in, x = x, working_precision(x)
     eps = budget(eps, x.dtype)
     core = functools.partial(_apgd_core, fn, eps=eps, steps=steps,
                              n_restarts=n_restarts, loss=loss, rho=rho,
-                             momentum=momentum)
-    return finish(run_chunked(core, batch_chunk, x, y, keys), x_in)
+                             momentum=momentum, targeted=targeted, n_targets=n_targets)
+    if targets is None:
+        x_adv = run_chunked(lambda xb, yb, kb: core(xb, yb, kb, None), batch_chunk, x, y, keys)
+    else:
+        x_adv = run_chunked(core, batch_chunk, x, y, keys, targets)
+    return finish(x_adv, x_in)
 
 
 def apgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
-         steps: int = 100, n_restarts: int = 1, loss: str = "xe",
-         rho: float = 0.75, momentum: float = 0.75,
+         steps: int = 100, n_restarts: int = 1, loss: str | None = None,
+         rho: float = 0.75, momentum: float = 0.75, targeted: bool = False,
+         n_target_classes: int = N_TARGET_CLASSES, targets: Any = None,
          batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
-    """Auto-PGD L_inf (APGD-CE with ``loss='xe'``, APGD-DLR with ``loss='dlr'``).
+    """Auto-PGD L_inf: APGD-CE (default), APGD-DLR (``loss='dlr'``), APGD-T (``targeted=True``).
 
     Algorithm and returned point: see the module docstring. Defaults follow
     AutoAttack: 100 iterations, 1 restart, rho = alpha = 0.75, initial step
-    ``2 eps``. ``loss`` is any name in ``gce_jax.attacks.objectives``.
+    ``2 eps``; APGD-T tries the 9 most likely wrong classes. ``loss`` is any
+    name in ``gce_jax.attacks.objectives``; ``None`` means ``'xe'``
+    untargeted and the targeted DLR (``'dlr'``, needs K >= 4) targeted.
 
     Args:
         logits_fn: inference-mode ``x -> logits``.
-        x: ``[B, ...]`` in [0, 1]; y: ``[B]`` true labels.
-        key: PRNG key (random starts; restart ``r`` of example ``i`` uses
-            ``fold_in(fold_in(key, example_offset + i), r)``).
+        x: ``[B, ...]`` in [0, 1]; y: ``[B]`` true labels (also when targeted).
+        key: PRNG key (random starts; run ``q`` of example ``i`` uses
+            ``fold_in(fold_in(key, example_offset + i), q)``, see the module doc).
         eps: L_inf budget.
+        targeted: APGD-T: one run per target class, each with ``n_restarts``.
+        n_target_classes: targets per example, capped at ``K - 1``.
+        targets: optional ``[B]`` or ``[B, T]`` target classes (each != y)
+            replacing the top-``n_target_classes`` choice; needs ``targeted``.
         batch_chunk: process at most this many examples at once.
         example_offset: index of ``x[0]`` in a larger batch (see ``pgd``).
     """
     x, y = check_inputs(x, y, logits_fn=logits_fn, eps=eps)
-    get_objective(loss)
+    loss = resolved_loss(loss, targeted)
     if steps < 1 or n_restarts < 1:
         raise ValueError(f"steps and n_restarts must be >= 1, got {steps}, {n_restarts}")
-    return _apgd_jit(as_partial(logits_fn), x, y, key, eps,
-                     jnp.asarray(example_offset, jnp.int32), steps=int(steps),
-                     n_restarts=int(n_restarts), loss=loss, rho=float(rho),
-                     momentum=float(momentum), batch_chunk=batch_chunk)
+    fn = as_partial(logits_fn)
+    n_targets = 1
+    if targeted:
+        k = num_classes(fn, x)
+        if loss == "dlr" and k < 4:
+            raise ValueError(f"APGD-T's targeted DLR loss needs at least 4 classes, got {k}")
+        if targets is not None:
+            targets = target_matrix(targets, x.shape[0])
+            n_targets = targets.shape[1]
+        else:
+            n_targets = n_target_count(n_target_classes, k)
+    elif targets is not None:
+        raise ValueError("targets need targeted=True")
+    else:
+        get_objective(loss)
+    return _apgd_jit(fn, x, y, key, eps, jnp.asarray(example_offset, jnp.int32), targets,
+                     steps=int(steps), n_restarts=int(n_restarts), loss=loss, rho=float(rho),
+                     momentum=float(momentum), targeted=bool(targeted), n_targets=n_targets,
+                     batch_chunk=batch_chunk)
+
+
+def resolved_loss(loss: str | None, targeted: bool) -> str:
+    """APGD's objective: ``loss``, or ``'dlr'`` (targeted) / ``'xe'`` (untargeted) for ``None``."""
+    if loss is None:
+        return "dlr" if targeted else "xe"
+    get_objective(loss)
+    return loss
