@@ -352,7 +352,9 @@ def test_every_attack_rejects_bad_concrete_inputs_with_one_clear_error(name):
         cases += [({"step_size": bad}, "step_size must be finite and > 0")
                   for bad in (-0.01, 0.0, np.float32(-0.01), np.nan)]
     if "targets" in _params(name):
-        cases += [({"targets": np.array([1, K], np.int32)}, r"targets must lie in \[0, 4\]")]
+        # Attacks that can also run untargeted take given targets only when targeted.
+        on = {"targeted": True} if "targeted" in _params(name) else {}
+        cases += [({"targets": np.array([1, K], np.int32), **on}, r"targets must lie in \[0, 4\]")]
     if name == "carlini_wagner_l2":
         cases += [({"learning_rate": -1e-2}, "learning_rate must be finite and > 0"),
                   ({"initial_const": 0.0}, "initial_const must be finite and > 0"),

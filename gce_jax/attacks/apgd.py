@@ -235,7 +235,7 @@ def apgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
         if loss == "dlr" and k < 4:
             raise ValueError(f"APGD-T's targeted DLR loss needs at least 4 classes, got {k}")
         if targets is not None:
-            targets = target_matrix(targets, x.shape[0])
+            targets = target_matrix(targets, x.shape[0], k)
             n_targets = targets.shape[1]
         else:
             n_targets = n_target_count(n_target_classes, k)

@@ -303,7 +303,7 @@ def fab(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
     if targets is not None:
         if not targeted:
             raise ValueError("targets need targeted=True")
-        targets = target_matrix(targets, x.shape[0])
+        targets = target_matrix(targets, x.shape[0], k)
         n_targets = targets.shape[1]
     elif targeted:
         n_targets = n_target_count(n_target_classes, k)

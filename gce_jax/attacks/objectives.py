@@ -26,6 +26,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gce_jax.losses import cross_entropy, guided_complement_entropy
 
@@ -140,8 +141,11 @@ def n_target_count(n_target_classes: int, num_classes: int) -> int:
     return min(int(n_target_classes), num_classes - 1)
 
 
-def target_matrix(targets: Array, batch: int) -> Array:
-    """Given targets ``[B]`` or ``[B, T]`` as an int32 ``[B, T]`` matrix (checked)."""
+def target_matrix(targets: Array, batch: int, num_classes: int | None = None) -> Array:
+    """Given targets ``[B]`` or ``[B, T]`` as an int32 ``[B, T]`` matrix (checked).
+
+    Concrete targets must lie in ``[0, num_classes)`` when it is given.
+    """
     targets = jnp.asarray(targets)
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise TypeError(f"targets must be integer class ids, got dtype {targets.dtype}")
@@ -149,6 +153,11 @@ def target_matrix(targets: Array, batch: int) -> Array:
     if targets.ndim != 2 or targets.shape[0] != batch or targets.shape[1] < 1:
         raise ValueError(f"targets must have shape [B] or [B, T] with B = {batch}, "
                          f"got {targets.shape}")
+    if num_classes is not None and not isinstance(targets, jax.core.Tracer):
+        t = np.asarray(targets)
+        if t.size and (t.min() < 0 or t.max() >= num_classes):
+            raise ValueError(f"targets must lie in [0, {num_classes - 1}], got values in "
+                             f"[{t.min()}, {t.max()}]")
     return targets.astype(jnp.int32)
 
 
