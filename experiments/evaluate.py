@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(
         prog="python -m experiments.evaluate",
         description="Attack a checkpoint and check the result for gradient masking.")
-    p.add_argument("--workdir", required=True, help="training run directory (config.json + checkpoints)")
+    p.add_argument("--workdir", required=True, help="training run directory, or a published-weights folder (weights/<name>)")
     p.add_argument("--attacks", nargs="+", default=None,
                    help="attack names, comma or space separated; name:loss picks the "
                         "objective (xe|margin|dlr|gce). Default: fgsm,bim,pgd,mim (the paper's)")
@@ -106,6 +106,9 @@ def _check_workdir(path: str, flag: str) -> None:
         read_run_config(path)
     except ConfigError as e:
         raise CLIError(f"{flag}: {e}") from None
+    from gce_jax import weights
+    if weights.is_published(path):  # checked (sha256) when it is loaded
+        return
     ckpts = [d for d in ("checkpoints", "checkpoints_best")
              if os.path.isdir(os.path.join(path, d)) and os.listdir(os.path.join(path, d))]
     if not ckpts:

@@ -99,3 +99,22 @@ def test_committed_weights_load_and_classify(folder):
     recorded = next(m["test_acc"] for m in metrics if m["epoch"] == manifest["selected_epoch"])
     # 200 images: within 4 binomial standard deviations of the recorded accuracy.
     assert acc >= recorded - 4 * np.sqrt(recorded * (1 - recorded) / 200) - 0.005, (acc, recorded)
+
+
+def test_evaluate_runs_on_a_published_folder(run, tmp_path):
+    from experiments import evaluate
+
+    pub = tmp_path / "pub"
+    manifest = _publish(run, pub)
+    out = tmp_path / "report"
+    # The tiny run trained on synthetic images; evaluate it on MNIST's test set.
+    if not (SHARED / "mnist").exists():
+        pytest.skip("../shared/data/mnist not present")
+    cfg = json.loads((pub / "config.json").read_text())
+    cfg["data"]["data_dir"], cfg["data"]["source"] = str(SHARED / "mnist"), "local"
+    (pub / "config.json").write_text(json.dumps(cfg))
+    rc = evaluate.main(["--no_progress", "--workdir", str(pub), "--attacks", "fgsm",
+                        "--eps", "0.1", "--n", "16", "--no_diagnostics", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "robustness.json").read_text())
+    assert report["model"]["variables_sha256"] == manifest["variables_sha256"]
