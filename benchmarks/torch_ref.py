@@ -29,17 +29,18 @@ def _lenet(num_classes: int = 10):
         tnn.Linear(84, num_classes))
 
 
-def train_case(name: str = "pytorch", batch: int = 64, threads: int | None = None) -> FnCase:
-    """One Adam step on a fixed synthetic batch (one unit = one step)."""
+def _step_case(name: str, model, make_opt, shape: tuple[int, ...], batch: int,
+               threads: int | None) -> FnCase:
+    """Repeated training steps on a fixed synthetic batch (one unit = one step)."""
     import torch
     import torch.nn.functional as F
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = _lenet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
-    x = torch.rand(batch, 1, 28, 28)
+    model = model()
+    opt = make_opt(model.parameters())
+    x = torch.rand(batch, *shape)
     y = torch.randint(0, 10, (batch,))
 
     def run(n: int) -> None:
@@ -51,6 +52,14 @@ def train_case(name: str = "pytorch", batch: int = 64, threads: int | None = Non
     case = FnCase(name, run, items_per_unit=batch)
     case.info = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     return case
+
+
+def train_case(name: str = "pytorch", batch: int = 64, threads: int | None = None) -> FnCase:
+    """LeNet-5, Adam(1e-3, betas (0.9, 0.99)), MNIST shapes."""
+    import torch
+
+    return _step_case(name, _lenet, lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.9, 0.99)),
+                      (1, 28, 28), batch, threads)
 
 
 def pgd_case(name: str = "pytorch pgd", batch: int = 500, steps: int = 40, eps: float = 0.3,
@@ -89,7 +98,6 @@ def pgd_case(name: str = "pytorch pgd", batch: int = 500, steps: int = 40, eps: 
 
 
 def _resnet20(num_classes: int = 10):
-    import torch
     import torch.nn as tnn
     import torch.nn.functional as F
 
@@ -115,29 +123,14 @@ def _resnet20(num_classes: int = 10):
             layers.append(Block(cin, cout, 2 if stage > 0 and block == 0 else 1))
             cin = cout
     layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(64, num_classes)]
-    torch.manual_seed(0)
     return tnn.Sequential(*layers)
 
 
 def resnet20_train_case(name: str = "pytorch resnet20", batch: int = 128,
                         threads: int | None = None) -> FnCase:
-    """One SGD(0.1, momentum 0.9) step of ResNet-20 on a synthetic CIFAR batch."""
+    """ResNet-20 in train mode, SGD(0.1, momentum 0.9), CIFAR shapes."""
     import torch
-    import torch.nn.functional as F
 
-    if threads:
-        torch.set_num_threads(threads)
-    model = _resnet20().train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.rand(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-    case = FnCase(name, run, items_per_unit=batch)
-    case.info = {"threads": torch.get_num_threads(), "torch": torch.__version__}
-    return case
+    return _step_case(name, lambda: _resnet20().train(),
+                      lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), (3, 32, 32), batch,
+                      threads)
