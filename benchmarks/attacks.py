@@ -13,7 +13,8 @@ the model's own predictions so every example starts "correct"). ``n_fb`` and
 for the gradient attacks (APGD: steps + 1 per run), forward passes for Square
 (one per query), and for FAB one gradient (FAB-T) or the K-logit Jacobian
 (counted as one fwd+bwd, so its ratio is ~K/2 by construction) per iteration
-plus one at the start of each run, and one forward per iteration. Compilation is excluded (one warm-up call), every call
+plus one at the start of each run, and one forward per iteration.
+Compilation is excluded (one warm-up call), every call
 ends in ``block_until_ready``, and times are medians over ``--repeats`` rounds
 through all attacks; each call is paired with references timed just before
 it. Rows at eps 0 never stop early (nothing is misclassified), so they cost

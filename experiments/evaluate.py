@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diag_eps", type=float, default=None,
                    help="eps of diagnostics checks 2-6 (default: grid eps nearest half clean accuracy)")
     p.add_argument("--restarts", type=int, default=5, help="PGD restarts for the convergence check")
-    p.add_argument("--apgd_steps", type=int, default=100, help="APGD iterations, also AutoAttack's per component (AutoAttack: 100)")
-    p.add_argument("--square_queries", type=int, default=5000, help="Square queries, also in AutoAttack (AutoAttack: 5000)")
+    p.add_argument("--apgd_steps", type=int, default=100,
+                   help="APGD iterations, also AutoAttack's per component (AutoAttack: 100)")
+    p.add_argument("--square_queries", type=int, default=5000,
+                   help="Square queries, also in AutoAttack (AutoAttack: 5000)")
     p.add_argument("--cw_binary_steps", type=int, default=None,
                    help="C&W-L2 binary search steps over c (default: the paper's 9)")
     p.add_argument("--cw_steps", type=int, default=None,

@@ -3,25 +3,23 @@
 Known answers come from models where the answer is known independently:
 linear models (closed-form L_inf distance to the decision boundary, or a
 linear program solved by scipy) and a numpy transcription of the targeted
-DLR. The ensemble is checked against its own components on a small MLP
-trained on sklearn digits (8x8) in a module fixture.
+DLR. The ensemble is checked against its own components on the small MLP that
+test_attacks_known_answers.py trains on sklearn digits (8x8).
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.tree_util import Partial
 from scipy.optimize import linprog
+from test_attacks_known_answers import digits  # noqa: F401 -- a trained digits MLP fixture
 
 from gce_jax import attacks as A
 from gce_jax import evaluation as E
-from gce_jax.attacks import objectives
-from gce_jax.attacks.autoattack import CLEAN_MISCLASSIFIED, ROBUST
+from gce_jax.attacks import CLEAN_MISCLASSIFIED, ROBUST, objectives
 
 D, K_LIN = 20, 5
 
@@ -36,45 +34,6 @@ def linear_model(seed: int, k: int = K_LIN, scale: float = 1.0):
     w = (scale * rng.randn(D, k)).astype(np.float32)
     b = rng.randn(k).astype(np.float32)
     return Partial(_linear, jnp.asarray(w), jnp.asarray(b)), w, b
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        return nn.Dense(10)(nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1))))
-
-
-def _mlp(params, x):
-    return MLP().apply(params, x)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """(logits_fn, x, y): 61 test digits (an odd batch), clean accuracy > 90%."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[..., None]
-    y = d.target.astype(np.int32)
-    perm = np.random.RandomState(0).permutation(len(x))
-    xtr, ytr = jnp.asarray(x[perm[:1200]]), jnp.asarray(y[perm[:1200]])
-    params = MLP().init(jax.random.key(0), xtr[:1])
-    opt = optax.adam(1e-2)
-
-    @jax.jit
-    def train(params):
-        def step(carry, i):
-            p, s = carry
-            idx = jax.random.randint(jax.random.key(i), (128,), 0, 1200)
-            g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-                _mlp(p, xtr[idx]), ytr[idx]).mean())(p)
-            u, s = opt.update(g, s)
-            return (optax.apply_updates(p, u), s), None
-        return jax.lax.scan(step, (params, opt.init(params)), jnp.arange(300))[0][0]
-
-    fn = Partial(_mlp, train(params))
-    xt, yt = x[perm[1200:1261]], y[perm[1200:1261]]
-    assert np.mean(predict(fn, xt) == yt) > 0.9
-    return fn, xt, yt
 
 
 def predict(fn, x):

@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 from gce_jax.attacks._common import draw_targets, inference_logits_fn
 from gce_jax.attacks.apgd import apgd, apgd_checkpoints, resolved_loss
-from gce_jax.attacks.autoattack import (AutoAttackResult, autoattack,
-                                        autoattack_components)
+from gce_jax.attacks.autoattack import (CLEAN_MISCLASSIFIED, ROBUST, AutoAttackResult,
+                                        autoattack, autoattack_components)
 from gce_jax.attacks.cw import carlini_wagner_l2
 from gce_jax.attacks.fab import fab
 from gce_jax.attacks.gradient import bim, fgsm, mim, pgd, pgd_l2
@@ -99,7 +99,8 @@ def attack_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     return spec
 
 
-__all__ = ["ATTACKS", "ATTACK_NORMS", "FIXED_OBJECTIVES", "OBJECTIVES", "AutoAttackResult",
+__all__ = ["ATTACKS", "ATTACK_NORMS", "CLEAN_MISCLASSIFIED", "FIXED_OBJECTIVES", "OBJECTIVES",
+           "ROBUST", "AutoAttackResult",
            "attack_spec", "apgd", "apgd_checkpoints", "autoattack", "autoattack_components",
            "bim", "carlini_wagner_l2", "draw_targets", "fab", "fgsm", "get_objective",
            "inference_logits_fn", "jsma", "mim", "pgd", "pgd_l2", "square",
