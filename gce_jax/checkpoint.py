@@ -75,6 +75,32 @@ def _manager(directory: str, keep: int | None) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
+def _reserve_space(directory: str, nbytes: int) -> None:
+    """Fails with OSError (ENOSPC, EFBIG, EROFS, ...) unless ``nbytes`` can be
+    written in ``directory``; writes no data and leaves nothing behind.
+
+    Refusing before orbax starts gives one clean error: orbax's own failure on
+    a full disk is raised while its other writes are still in flight, and
+    those print 100+ lines of "Event loop is closed" tracebacks from
+    TensorStore's threads after the caller has reported the failure.
+    """
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".space-check-{os.getpid()}")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if nbytes > 0:
+            os.posix_fallocate(fd, 0, nbytes)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _state_nbytes(state: Any, meta: dict) -> int:
+    leaves = jax.tree.leaves(state)
+    # 1 MiB for orbax's metadata, the OCDBT manifest and ``meta``.
+    return sum(int(getattr(x, "nbytes", 0)) for x in leaves) + len(repr(meta)) + (1 << 20)
+
+
 def abstract_like(state: Any) -> Any:
     """ShapeDtypeStruct tree (with shardings) describing ``state`` for restore."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -120,6 +146,8 @@ class CheckpointStore:
         """
         directory = checkpoint_dir(self.workdir, which)
         try:
+            if jax.process_index() == 0:
+                _reserve_space(directory, _state_nbytes(state, meta))
             mngr = self._writer(which)
             mngr.save(epoch, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)

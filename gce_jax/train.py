@@ -610,12 +610,23 @@ class _Logger:
         self._tb = None
 
     def _scalars(self, record: dict) -> None:
+        from tensorboardX import summary
+        from tensorboardX.proto import event_pb2
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(self._workdir, "tb"))
+            # Not tensorboardX's SummaryWriter: it hands events to a background
+            # thread, and its flush() does not wait for them, so a kill right
+            # after an epoch's line could lose that epoch's scalars for good.
+            from tensorboardX.event_file_writer import EventsWriter
+            tb = os.path.join(self._workdir, "tb")
+            os.makedirs(tb, exist_ok=True)
+            # The pid keeps a resumed run (same second, same host) off the
+            # killed run's file, which the writer would truncate.
+            self._tb = EventsWriter(os.path.join(tb, "events"), f".{os.getpid()}")
+        now = time.time()
         for k, v in record.items():
             if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._tb.add_scalar(k, v, record["epoch"])
+                self._tb.write_event(event_pb2.Event(
+                    wall_time=now, step=record["epoch"], summary=summary.scalar(k, v)))
         self._tb.flush()
 
     def sync(self, history: list[dict]) -> None:
