@@ -146,9 +146,9 @@ class CheckpointStore:
         """
         directory = checkpoint_dir(self.workdir, which)
         try:
+            mngr = self._writer(which)  # a read-only store refuses before any write
             if jax.process_index() == 0:
                 _reserve_space(directory, _state_nbytes(state, meta))
-            mngr = self._writer(which)
             mngr.save(epoch, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
             if which == "best_val":
