@@ -468,14 +468,14 @@ def adversarial_inputs(model: nn.Module, variables: dict, x: jax.Array, y: jax.A
     """Madry et al.'s inner maximisation: PGD, BatchNorm in inference.
 
     PGD maximises cross-entropy unless ``adv.loss`` names another objective
-    of ``gce_jax.attacks.OBJECTIVES``. With ``mix > 0`` the rows :func:`natural_rows` picks stay natural. The
-    attack sees the model with ``train=False``, so running statistics cannot
-    change during it, and its output is a constant for the outer gradient
-    (Danskin). ``eps_scale`` shrinks the radius and the step together (eps
-    warm-up). ``example_offset`` is the index of ``x[0]`` in the global batch:
-    the random starts and the natural rows are keyed by it (see
-    :func:`gce_jax.attacks.pgd`), so a step gives the same result on any
-    number of devices.
+    of ``gce_jax.attacks.OBJECTIVES``. With ``mix > 0`` the rows
+    :func:`natural_rows` picks stay natural. The attack sees the model with
+    ``train=False``, so running statistics cannot change during it, and its
+    output is a constant for the outer gradient (Danskin). ``eps_scale``
+    shrinks the radius and the step together (eps warm-up). ``example_offset``
+    is the index of ``x[0]`` in the global batch: the random starts and the
+    natural rows are keyed by it (see :func:`gce_jax.attacks.pgd`), so a step
+    gives the same result on any number of devices.
     """
     from gce_jax.attacks import inference_logits_fn, pgd
 
