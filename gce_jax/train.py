@@ -1,5 +1,8 @@
 """One training loop for every experiment (XE, GCE, complement, COT, PGD-AT).
 
+A step is an input transform (natural, or PGD examples) followed by an update
+(standard, or COT's two steps), composed by ``make_train_step``.
+
 Data parallelism follows pmap's per-device model, expressed with
 ``jax.shard_map`` over a 1-D ``'batch'`` mesh (see ``gce_jax.parallel``):
 the state is replicated, each device sees its shard of the global batch, and
