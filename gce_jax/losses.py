@@ -263,6 +263,11 @@ def _check_num_classes(k: int, normalize: bool) -> None:
                 "use normalize=False or cross_entropy for binary problems")
 
 
+# The training losses ``get_loss`` knows, by config name (train.validate_config
+# checks ``config.loss`` against this).
+LOSS_NAMES = ("xe", "gce", "complement")
+
+
 def get_loss(name: str, *, alpha: float = 1.0 / 3.0,
                           normalize: bool = True) -> LossFn:
     """Returns a per-example ``loss(logits, labels)`` by config name.
@@ -279,4 +284,4 @@ def get_loss(name: str, *, alpha: float = 1.0 / 3.0,
     if name == "complement":
         return lambda logits, labels: complement_entropy(
                 logits, labels, normalize=normalize)
-    raise ValueError(f"unknown loss {name!r}; expected 'xe', 'gce' or 'complement'")
+    raise ValueError(f"unknown loss {name!r}; expected one of {LOSS_NAMES}")

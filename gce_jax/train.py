@@ -1,5 +1,8 @@
 """One training loop for every experiment (XE, GCE, complement, COT, PGD-AT).
 
+A step is an input transform (natural, or PGD examples) followed by an update
+(standard, or COT's two steps), composed by ``make_train_step``.
+
 Data parallelism follows pmap's per-device model, expressed with
 ``jax.shard_map`` over a 1-D ``'batch'`` mesh (see ``gce_jax.parallel``):
 the state is replicated, each device sees its shard of the global batch, and
@@ -44,6 +47,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from gce_jax import attacks as attacks_lib
 from gce_jax import checkpoint as ckpt_lib
 from gce_jax import data as data_lib
 from gce_jax import losses as losses_lib
@@ -53,13 +57,21 @@ from gce_jax.provenance import append_line, atomic_write
 
 AXIS = parallel.BATCH_AXIS
 
-LOSSES = ("xe", "gce", "complement")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "piecewise", "cosine")
 METHODS = ("standard", "cot")
-COMPLEMENT_NORMALIZATIONS = ("num_classes", "log_k_minus_1", "none")
+# COT's complement-step scale, by training.cot.complement_normalization, of K.
+COMPLEMENT_SCALES: dict[str, Callable[[int], float]] = {
+    "num_classes": lambda k: 1.0 / k,
+    "log_k_minus_1": lambda k: 1.0 / math.log(k - 1) if k > 2 else 1.0,
+    "none": lambda k: 1.0,
+}
+COMPLEMENT_NORMALIZATIONS = tuple(COMPLEMENT_SCALES)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SELECTIONS = ("last", "best_val")
+# What adversarial training maximises unless training.adversarial.loss names
+# another objective of gce_jax.attacks.OBJECTIVES.
+ADVERSARIAL_OBJECTIVE = "xe"
 
 
 class TrainingError(FloatingPointError):
@@ -82,106 +94,145 @@ def _adversarial_cfg(config: ml_collections.ConfigDict):
     return adv
 
 
-def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> None:
-    """Raises one ConfigError naming every bad value; writes nothing."""
-    errors: list[str] = []
+class _Checks:
+    """Collects every bad value of a config, so one ConfigError names them all."""
 
-    def check(cond: bool, msg: str) -> None:
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.errors: list[str] = []
+
+    def check(self, cond: bool, msg: str) -> None:
         if not cond:
-            errors.append(msg)
+            self.errors.append(msg)
 
-    def get(path: str, default: Any = None) -> Any:
-        node: Any = config
+    def get(self, path: str, default: Any = None) -> Any:
+        node: Any = self.config
         for part in path.split("."):
             if node is None or part not in node:
                 return default
             node = node[part]
         return node
 
-    def number(path: str, low: float, high: float = math.inf, *, default: Any = None,
+    def one_of(self, path: str, names: Any, *, default: Any = None, note: str = "") -> None:
+        v, names = self.get(path, default), tuple(names)
+        self.check(v in names, f"{path}={v!r}: expected one of {names}{note}")
+
+    def number(self, path: str, low: float, high: float = math.inf, *, default: Any = None,
                low_open: bool = False, high_open: bool = True) -> None:
         """A finite real in the interval (an open end excludes the bound)."""
-        v = get(path, default)
+        v = self.get(path, default)
         ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
               and (v > low if low_open else v >= low) and (v < high if high_open else v <= high))
         lo, hi = "(["[not low_open], ")]"[not high_open]
-        check(ok, f"{path}={v!r}: must be a finite number in {lo}{low:g}, {high:g}{hi}")
+        self.check(ok, f"{path}={v!r}: must be a finite number in {lo}{low:g}, {high:g}{hi}")
 
-    check(get("loss") in LOSSES, f"loss={get('loss')!r}: expected one of {LOSSES}")
-    number("alpha", 0, default=0.0)
-    check(get("model") in MODEL_NAMES, f"model={get('model')!r}: expected one of {MODEL_NAMES}")
+
+def _check_objective(c: _Checks) -> None:
+    """Loss, model and data set, by the names their modules register."""
+    c.one_of("loss", losses_lib.LOSS_NAMES)
+    c.number("alpha", 0, default=0.0)
+    c.one_of("model", MODEL_NAMES)
     try:
-        data_lib.dataset_from_config(config)
+        data_lib.dataset_from_config(c.config)
     except data_lib.DataError as e:
-        errors.append(f"dataset={get('dataset')!r}: {e}")
-    check(get("optimizer.name") in OPTIMIZERS,
-          f"optimizer.name={get('optimizer.name')!r}: expected one of {OPTIMIZERS}")
-    number("optimizer.learning_rate", 0, low_open=True)
-    number("optimizer.weight_decay", 0, default=0.0)
-    if get("optimizer.name") == "adam":
-        number("optimizer.b1", 0, 1, default=0.9)
-        number("optimizer.b2", 0, 1, default=0.999)
-        number("optimizer.eps", 0, default=1e-8, low_open=True)
-    if get("optimizer.name") == "sgd":
-        number("optimizer.momentum", 0, 1, default=0.0)
-    epochs = get("epochs")
-    check(isinstance(epochs, int) and epochs >= 1, f"epochs={epochs!r}: must be an int >= 1")
-    sched = get("lr_schedule.name")
-    check(sched in SCHEDULES, f"lr_schedule.name={sched!r}: expected one of {SCHEDULES}")
-    if sched == "piecewise":
-        b = list(get("lr_schedule.boundaries_epochs", ()) or ())
-        check(all(isinstance(x, (int, float)) and 0 < x < math.inf for x in b)
-              and b == sorted(b),
-              f"lr_schedule.boundaries_epochs={b!r}: must be increasing positive epochs")
-        number("lr_schedule.decay_factor", 0, low_open=True)
+        c.errors.append(f"dataset={c.get('dataset')!r}: {e}")
+    c.one_of("dtype", DTYPES)
+
+
+def _check_optimizer(c: _Checks) -> None:
+    c.one_of("optimizer.name", OPTIMIZERS)
+    c.number("optimizer.learning_rate", 0, low_open=True)
+    c.number("optimizer.weight_decay", 0, default=0.0)
+    if c.get("optimizer.name") == "adam":
+        c.number("optimizer.b1", 0, 1, default=0.9)
+        c.number("optimizer.b2", 0, 1, default=0.999)
+        c.number("optimizer.eps", 0, default=1e-8, low_open=True)
+    if c.get("optimizer.name") == "sgd":
+        c.number("optimizer.momentum", 0, 1, default=0.0)
+
+
+def _check_schedule(c: _Checks) -> None:
+    """Epochs and the learning-rate schedule (its warm-up must fit in the run)."""
+    epochs = c.get("epochs")
+    c.check(isinstance(epochs, int) and epochs >= 1, f"epochs={epochs!r}: must be an int >= 1")
+    c.one_of("lr_schedule.name", SCHEDULES)
+    if c.get("lr_schedule.name") == "piecewise":
+        b = list(c.get("lr_schedule.boundaries_epochs", ()) or ())
+        c.check(all(isinstance(x, (int, float)) and 0 < x < math.inf for x in b)
+                and b == sorted(b),
+                f"lr_schedule.boundaries_epochs={b!r}: must be increasing positive epochs")
+        c.number("lr_schedule.decay_factor", 0, low_open=True)
     epochs_bound = epochs if isinstance(epochs, int) else math.inf
-    number("lr_schedule.warmup_epochs", 0, epochs_bound, default=0.0)
-    check(get("selection") in SELECTIONS,
-          f"selection={get('selection')!r}: expected one of {SELECTIONS} (never test)")
-    val_size = get("data.val_size", 0)
-    check(isinstance(val_size, int) and val_size >= 0,
-          f"data.val_size={val_size!r}: must be an int >= 0")
-    if get("selection") == "best_val":
-        check(isinstance(val_size, int) and val_size > 0,
-              "selection='best_val' needs a validation split: set data.val_size > 0")
-    depth = get("data.prefetch", "auto")
-    check(depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool)
-                              and depth >= 0),
-          f"data.prefetch={depth!r}: must be 'auto' or an int >= 0 (0 = no background thread)")
-    check(get("dtype") in DTYPES, f"dtype={get('dtype')!r}: expected one of {tuple(DTYPES)}")
-    keep = get("checkpoint.keep", 1)
-    check(isinstance(keep, int) and keep >= 1, f"checkpoint.keep={keep!r}: must be an int >= 1")
+    c.number("lr_schedule.warmup_epochs", 0, epochs_bound, default=0.0)
+
+
+def _check_data_and_selection(c: _Checks) -> None:
+    """Model selection (never on test), the validation split, prefetch and checkpoints."""
+    c.one_of("selection", SELECTIONS, note=" (never test)")
+    val_size = c.get("data.val_size", 0)
+    c.check(isinstance(val_size, int) and val_size >= 0,
+            f"data.val_size={val_size!r}: must be an int >= 0")
+    if c.get("selection") == "best_val":
+        c.check(isinstance(val_size, int) and val_size > 0,
+                "selection='best_val' needs a validation split: set data.val_size > 0")
+    depth = c.get("data.prefetch", "auto")
+    c.check(depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool)
+                                and depth >= 0),
+            f"data.prefetch={depth!r}: must be 'auto' or an int >= 0 (0 = no background thread)")
+    keep = c.get("checkpoint.keep", 1)
+    c.check(isinstance(keep, int) and keep >= 1, f"checkpoint.keep={keep!r}: must be an int >= 1")
+
+
+def _check_batch_sizes(c: _Checks, mesh: Mesh | None) -> None:
+    """Global batches split evenly over devices and hosts."""
     n_dev = mesh.devices.size if mesh is not None else jax.device_count()
     n_proc = jax.process_count()
     for name in ("batch_size", "eval_batch_size"):
-        bs = get(name)
-        check(isinstance(bs, int) and bs > 0 and bs % n_dev == 0 and bs % n_proc == 0,
-              f"{name}={bs!r}: must be a positive multiple of the device count ({n_dev}) "
-              f"and of the process count ({n_proc})")
-    method = get("training.method", "standard")
-    check(method in METHODS, f"training.method={method!r}: expected one of {METHODS}")
-    if method == "cot":
-        check(get("loss") == "xe",
-              "training.method='cot' alternates cross-entropy and complement entropy "
-              f"steps; set loss='xe' (got {get('loss')!r})")
-        norm = get("training.cot.complement_normalization", "num_classes")
-        check(norm in COMPLEMENT_NORMALIZATIONS,
-              f"training.cot.complement_normalization={norm!r}: expected one of "
-              f"{COMPLEMENT_NORMALIZATIONS}")
-    adv = _adversarial_cfg(config)
-    if adv is not None:
-        check(method == "standard", "adversarial training is only supported with "
-              "training.method='standard'")
-        steps = adv.get("steps")
-        # Images are in [0, 1]: a larger L_inf radius is no constraint at all.
-        number("training.adversarial.eps", 0, 1, high_open=False)
-        check(isinstance(steps, int) and steps >= 1,
-              f"training.adversarial.steps={steps!r}: must be an int >= 1")
-        number("training.adversarial.step_size", 0, low_open=True)
-        number("training.adversarial.mix", 0, 1, default=0.0)
-        number("training.adversarial.eps_warmup_epochs", 0, default=0)
-    if errors:
-        raise ConfigError("invalid config: " + "; ".join(errors))
+        bs = c.get(name)
+        c.check(isinstance(bs, int) and bs > 0 and bs % n_dev == 0 and bs % n_proc == 0,
+                f"{name}={bs!r}: must be a positive multiple of the device count ({n_dev}) "
+                f"and of the process count ({n_proc})")
+
+
+def _check_method(c: _Checks) -> None:
+    """The update: standard, or COT's (cross-entropy, then complement entropy)."""
+    c.one_of("training.method", METHODS, default="standard")
+    if c.get("training.method", "standard") == "cot":
+        c.check(c.get("loss") == "xe",
+                "training.method='cot' alternates cross-entropy and complement entropy "
+                f"steps; set loss='xe' (got {c.get('loss')!r})")
+        c.one_of("training.cot.complement_normalization", COMPLEMENT_NORMALIZATIONS,
+                 default="num_classes")
+
+
+def _check_adversarial(c: _Checks) -> None:
+    """The PGD inner maximisation, its objective named in the attacks' registry."""
+    adv = _adversarial_cfg(c.config)
+    if adv is None:
+        return
+    c.check(c.get("training.method", "standard") == "standard",
+            "adversarial training is only supported with training.method='standard'")
+    # Images are in [0, 1]: a larger L_inf radius is no constraint at all.
+    c.number("training.adversarial.eps", 0, 1, high_open=False)
+    steps = adv.get("steps")
+    c.check(isinstance(steps, int) and steps >= 1,
+            f"training.adversarial.steps={steps!r}: must be an int >= 1")
+    c.number("training.adversarial.step_size", 0, low_open=True)
+    c.number("training.adversarial.mix", 0, 1, default=0.0)
+    c.number("training.adversarial.eps_warmup_epochs", 0, default=0)
+    c.one_of("training.adversarial.loss", sorted(attacks_lib.OBJECTIVES),
+             default=ADVERSARIAL_OBJECTIVE)
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> None:
+    """Raises one ConfigError naming every bad value; writes nothing."""
+    c = _Checks(config)
+    for section in (_check_objective, _check_optimizer, _check_schedule,
+                    _check_data_and_selection, _check_method, _check_adversarial):
+        section(c)
+    _check_batch_sizes(c, mesh)
+    if c.errors:
+        raise ConfigError("invalid config: " + "; ".join(c.errors))
 
 
 # --------------------------------------------------------------------------
@@ -340,9 +391,7 @@ def create_complement_objective(config: ml_collections.ConfigDict, num_classes: 
     paper's Eq. (3) normalisation and ``'none'`` the raw Eq. (1).
     """
     norm = config.training.get("cot", {}).get("complement_normalization", "num_classes")
-    scale = {"num_classes": 1.0 / num_classes,
-             "log_k_minus_1": 1.0 / math.log(num_classes - 1) if num_classes > 2 else 1.0,
-             "none": 1.0}[norm]
+    scale = COMPLEMENT_SCALES[norm](num_classes)
     return lambda logits, labels: scale * losses_lib.complement_entropy(logits, labels)
 
 
@@ -419,23 +468,25 @@ def natural_rows(index: jax.Array, mix: float) -> jax.Array:
 def adversarial_inputs(model: nn.Module, variables: dict, x: jax.Array, y: jax.Array, *,
                        key: jax.Array, adv: Any, eps_scale: Any = 1.0,
                        example_offset: Any = 0) -> jax.Array:
-    """Madry et al.'s inner maximisation: PGD on cross-entropy, BatchNorm in inference.
+    """Madry et al.'s inner maximisation: PGD, BatchNorm in inference.
 
-    With ``mix > 0`` the rows :func:`natural_rows` picks stay natural. The
-    attack sees the model with ``train=False``, so running statistics cannot
-    change during it, and its output is a constant for the outer gradient
-    (Danskin). ``eps_scale`` shrinks the radius and the step together (eps
-    warm-up). ``example_offset`` is the index of ``x[0]`` in the global batch:
-    the random starts and the natural rows are keyed by it (see
-    :func:`gce_jax.attacks.pgd`), so a step gives the same result on any
-    number of devices.
+    PGD maximises cross-entropy unless ``adv.loss`` names another objective
+    of ``gce_jax.attacks.OBJECTIVES``. With ``mix > 0`` the rows
+    :func:`natural_rows` picks stay natural. The attack sees the model with
+    ``train=False``, so running statistics cannot change during it, and its
+    output is a constant for the outer gradient (Danskin). ``eps_scale``
+    shrinks the radius and the step together (eps warm-up). ``example_offset``
+    is the index of ``x[0]`` in the global batch: the random starts and the
+    natural rows are keyed by it (see :func:`gce_jax.attacks.pgd`), so a step
+    gives the same result on any number of devices.
     """
     from gce_jax.attacks import inference_logits_fn, pgd
 
     attack = functools.partial(
             pgd, inference_logits_fn(model, variables), key=key, eps=adv.eps * eps_scale,
             steps=adv.steps, step_size=adv.step_size * eps_scale,
-            random_start=adv.get("random_start", True), loss="xe")
+            random_start=adv.get("random_start", True),
+            loss=adv.get("loss", ADVERSARIAL_OBJECTIVE))
     mix = adv.get("mix", 0.0)
     if not mix:
         x_adv = attack(x, y, example_offset=example_offset)
@@ -465,57 +516,139 @@ def init_train_metrics() -> dict:
             "first_bad_step": jnp.full((), -1, jnp.int32)}
 
 
-def train_step(state: TrainState, metrics: dict, batch: dict, *, model: nn.Module,
-               tx: optax.GradientTransformation, loss_fn: Callable,
-               tx_comp: optax.GradientTransformation | None = None,
-               comp_loss_fn: Callable | None = None, adversarial: Any = None,
-               adv_warmup_steps: int = 0) -> tuple[TrainState, dict]:
-    """One optimisation step on this device's shard (call under shard_map).
+# A training step is an input transform (what the model is trained on)
+# followed by an update (how the parameters move), both per device:
+#
+#   InputTransform: (state, x, y) -> x           natural_inputs, adversarial_transform
+#   Update:         (state, x, y) -> (state, UpdateOutput)
+#                                                standard_update, complement_update
+#
+# make_input_transform and make_update pick them from the config and
+# train_step composes them; neither piece knows about the other.
 
-    Standard: one update on ``loss_fn`` (on PGD examples if ``adversarial``).
-    COT (``tx_comp`` given): an update on ``loss_fn`` (cross-entropy), then a
-    second forward pass at the new parameters and an update on
-    ``comp_loss_fn`` with its own optimizer state; BatchNorm statistics are
-    updated in both passes.
+class UpdateOutput(NamedTuple):
+    """What an update reports to the metrics (losses already averaged over devices)."""
+
+    loss: jax.Array       # the primary objective's global-batch mean
+    comp_loss: jax.Array  # COT's complement objective; 0 without one
+    grad_norm: jax.Array  # norm of the primary objective's gradient
+    logits: jax.Array     # this shard's logits of the primary pass (train accuracy)
+    ok: jax.Array         # every loss and gradient of the step is finite
+
+
+InputTransform = Callable[[TrainState, jax.Array, jax.Array], jax.Array]
+Update = Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, UpdateOutput]]
+
+
+def natural_inputs(state: TrainState, x: jax.Array, y: jax.Array) -> jax.Array:
+    """The identity transform: train on the batch as it is."""
+    del state, y
+    return x
+
+
+def adversarial_transform(state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Module,
+                          adv: Any, warmup_steps: int = 0) -> jax.Array:
+    """This shard's PGD inputs for the step (:func:`adversarial_inputs`).
+
+    The key is ``fold_in(state.key, state.step)`` and the radius follows the
+    eps warm-up. Random starts and natural rows are keyed by the example's
+    index in the global batch, so they do not depend on the device count.
     """
-    x, y = batch["image"], batch["label"]
     step_key = jax.random.fold_in(state.key, state.step)
-    if adversarial is not None:
-        # Random starts and natural rows keyed by the example's index in the
-        # global batch, so they do not depend on the device count.
-        offset = jax.lax.axis_index(AXIS) * x.shape[0]
-        x = adversarial_inputs(model, state.variables, x, y, key=step_key, adv=adversarial,
-                               eps_scale=adversarial_eps_scale(state.step, adv_warmup_steps),
-                               example_offset=offset)
+    offset = jax.lax.axis_index(AXIS) * x.shape[0]
+    return adversarial_inputs(model, state.variables, x, y, key=step_key, adv=adv,
+                              eps_scale=adversarial_eps_scale(state.step, warmup_steps),
+                              example_offset=offset)
 
+
+def standard_update(state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Module,
+                    tx: optax.GradientTransformation, loss_fn: Callable
+                    ) -> tuple[TrainState, UpdateOutput]:
+    """One optimizer step on the global-batch mean of ``loss_fn`` (``state.opt_state``)."""
     loss, grads, logits, stats = _loss_and_grads(model, loss_fn, state.params,
                                                  state.batch_stats, x, y)
     params, opt_state = _apply_update(tx, grads, state.opt_state, state.params)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    comp_loss = jnp.zeros((), jnp.float32)
-    comp_opt_state = state.comp_opt_state
-    if tx_comp is not None:
-        comp_loss, comp_grads, _, stats = _loss_and_grads(model, comp_loss_fn, params,
-                                                          stats, x, y)
-        params, comp_opt_state = _apply_update(tx_comp, comp_grads, comp_opt_state, params)
-        ok &= jnp.isfinite(comp_loss) & jnp.isfinite(optax.tree.norm(comp_grads))
+    out = UpdateOutput(loss=loss, comp_loss=jnp.zeros((), jnp.float32), grad_norm=grad_norm,
+                       logits=logits, ok=ok)
+    return state.replace(params=params, batch_stats=stats, opt_state=opt_state), out
 
-    correct = jax.lax.psum(jnp.sum(jnp.argmax(logits, -1) == y, dtype=jnp.int32), AXIS)
+
+def complement_update(state: TrainState, x: jax.Array, y: jax.Array, *, primary: Update,
+                      model: nn.Module, tx_comp: optax.GradientTransformation,
+                      comp_loss_fn: Callable) -> tuple[TrainState, UpdateOutput]:
+    """COT: the ``primary`` update (cross-entropy), then a complement-entropy step.
+
+    The second step is a new forward pass at the primary update's parameters
+    and BatchNorm statistics (both passes update the statistics), with its own
+    optimizer state ``state.comp_opt_state``.
+    """
+    state, out = primary(state, x, y)
+    comp_loss, comp_grads, _, stats = _loss_and_grads(model, comp_loss_fn, state.params,
+                                                      state.batch_stats, x, y)
+    params, comp_opt_state = _apply_update(tx_comp, comp_grads, state.comp_opt_state,
+                                           state.params)
+    comp_ok = jnp.isfinite(comp_loss) & jnp.isfinite(optax.tree.norm(comp_grads))
+    state = state.replace(params=params, batch_stats=stats, comp_opt_state=comp_opt_state)
+    return state, out._replace(comp_loss=comp_loss, ok=out.ok & comp_ok)
+
+
+def accumulate_metrics(metrics: dict, out: UpdateOutput, y: jax.Array, step: jax.Array) -> dict:
+    """Adds one step's numbers to the epoch's accumulators (``step``: the state's step)."""
+    correct = jax.lax.psum(jnp.sum(jnp.argmax(out.logits, -1) == y, dtype=jnp.int32), AXIS)
     count = jax.lax.psum(jnp.asarray(y.shape[0], jnp.int32), AXIS)
-    new_metrics = {
-        "loss_sum": metrics["loss_sum"] + loss.astype(jnp.float32),
-        "comp_loss_sum": metrics["comp_loss_sum"] + comp_loss.astype(jnp.float32),
-        "grad_norm_sum": metrics["grad_norm_sum"] + grad_norm.astype(jnp.float32),
+    return {
+        "loss_sum": metrics["loss_sum"] + out.loss.astype(jnp.float32),
+        "comp_loss_sum": metrics["comp_loss_sum"] + out.comp_loss.astype(jnp.float32),
+        "grad_norm_sum": metrics["grad_norm_sum"] + out.grad_norm.astype(jnp.float32),
         "correct": metrics["correct"] + correct,
         "count": metrics["count"] + count,
         "steps": metrics["steps"] + 1,
-        "first_bad_step": jnp.where((metrics["first_bad_step"] < 0) & ~ok,
-                                    state.step, metrics["first_bad_step"]),
+        "first_bad_step": jnp.where((metrics["first_bad_step"] < 0) & ~out.ok,
+                                    step, metrics["first_bad_step"]),
     }
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
-                              opt_state=opt_state, comp_opt_state=comp_opt_state)
-    return new_state, new_metrics
+
+
+def train_step(state: TrainState, metrics: dict, batch: dict, *, transform: InputTransform,
+               update: Update) -> tuple[TrainState, dict]:
+    """One optimisation step on this device's shard (call under shard_map)."""
+    y = batch["label"]
+    x = transform(state, batch["image"], y)
+    new_state, out = update(state, x, y)
+    return new_state.replace(step=state.step + 1), accumulate_metrics(metrics, out, y,
+                                                                      state.step)
+
+
+def make_input_transform(config: ml_collections.ConfigDict, model: nn.Module, *,
+                         steps_per_epoch: int | None = None) -> InputTransform:
+    """Natural inputs, or PGD inputs when ``training.adversarial.enabled``.
+
+    ``steps_per_epoch`` converts ``training.adversarial.eps_warmup_epochs``
+    into steps.
+    """
+    adv = _adversarial_cfg(config)
+    if adv is None:
+        return natural_inputs
+    warmup_epochs = adv.get("eps_warmup_epochs", 0)
+    if warmup_epochs and not steps_per_epoch:
+        raise ConfigError("training.adversarial.eps_warmup_epochs needs steps_per_epoch")
+    return functools.partial(adversarial_transform, model=model, adv=adv,
+                             warmup_steps=int(round(warmup_epochs * (steps_per_epoch or 0))))
+
+
+def make_update(config: ml_collections.ConfigDict, model: nn.Module,
+                tx: optax.GradientTransformation, num_classes: int, *,
+                tx_comp: optax.GradientTransformation | None = None) -> Update:
+    """The configured method's update: standard, or COT (``tx_comp`` given)."""
+    if (config.training.get("method", "standard") == "cot") != (tx_comp is not None):
+        raise ConfigError("training.method='cot' needs tx_comp (and only COT takes it)")
+    update = functools.partial(standard_update, model=model, tx=tx,
+                               loss_fn=create_objective(config))
+    if tx_comp is None:
+        return update
+    return functools.partial(complement_update, primary=update, model=model, tx_comp=tx_comp,
+                             comp_loss_fn=create_complement_objective(config, num_classes))
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
@@ -526,21 +659,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     """Jitted data-parallel ``(state, metrics, batch) -> (state, metrics)``.
 
     State and metrics are donated (updated in place); the batch must be
-    sharded over ``'batch'`` (``parallel.shard_batch``). ``steps_per_epoch``
-    converts ``training.adversarial.eps_warmup_epochs`` into steps.
+    sharded over ``'batch'`` (``parallel.shard_batch``).
     """
-    if (config.training.get("method", "standard") == "cot") != (tx_comp is not None):
-        raise ConfigError("training.method='cot' needs tx_comp (and only COT takes it)")
-    adv = _adversarial_cfg(config)
-    warmup_epochs = adv.get("eps_warmup_epochs", 0) if adv is not None else 0
-    if warmup_epochs and not steps_per_epoch:
-        raise ConfigError("training.adversarial.eps_warmup_epochs needs steps_per_epoch")
-    warmup_steps = int(round(warmup_epochs * (steps_per_epoch or 0)))
-    step = functools.partial(
-        train_step, model=model, tx=tx, loss_fn=create_objective(config), tx_comp=tx_comp,
-        comp_loss_fn=(create_complement_objective(config, num_classes)
-                      if tx_comp is not None else None),
-        adversarial=adv, adv_warmup_steps=warmup_steps)
+    update = make_update(config, model, tx, num_classes, tx_comp=tx_comp)
+    transform = make_input_transform(config, model, steps_per_epoch=steps_per_epoch)
+    step = functools.partial(train_step, transform=transform, update=update)
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(AXIS)),
                             out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=(0, 1))
@@ -882,6 +1005,24 @@ def _sync_best(store: ckpt_lib.CheckpointStore, history: list[dict], epoch: int,
 # The loop
 # --------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One invocation's fixed parts: where it writes, its data and its compiled step."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Mesh
+    store: ckpt_lib.CheckpointStore
+    datasets: Datasets
+    num_classes: int
+    steps_per_epoch: int
+    lr_fn: optax.Schedule
+    step_fn: Callable
+    eval_model: nn.Module  # inference form (no BatchNorm axis)
+    abstract: Any  # the state's structure, for restores
+    is_main: bool  # process 0: the one that writes logs and config.json
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        datasets: Datasets | None = None,
                        mesh: Mesh | None = None) -> dict:
@@ -917,14 +1058,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate_config(config, mesh)
     _check_workdir(workdir)
-    is_main = jax.process_index() == 0
     store = ckpt_lib.CheckpointStore(workdir, keep=config.checkpoint.keep)
     trained = store.epochs()
-    run_config = _config_to_dict(config)
-    old_config = read_run_config(workdir) if trained else None
-    if old_config is not None:  # refuse early, before the data are loaded
-        resume_changes(old_config, run_config, trained[-1], workdir)
+    old_config = _refuse_changed_config(config, workdir, trained)  # before loading data
+    run, state = _build_run(config, workdir, mesh, store, datasets)
+    run_config, changes = _run_config(run, old_config, trained)
+    start_epoch, state, meta, history, skipped = _restore(run, state, trained)
+    if start_epoch < config.epochs or skipped:
+        _check_writable(workdir)
 
+    # ---- from here on the workdir may be written ----
+    _set_aside(run, skipped, start_epoch)
+    _write_run_config(run, run_config, old_config, changes, start_epoch)
+    logger = _Logger(workdir, run.is_main)
+    try:
+        _sync_logs(run, logger, history, start_epoch, state, meta)
+        state = _train_epochs(run, state, history, logger, start_epoch)
+        return _final_metrics(run, state, history)
+    finally:
+        logger.close()
+        store.close()
+
+
+def _refuse_changed_config(config: ml_collections.ConfigDict, workdir: str,
+                           trained: list[int]) -> dict | None:
+    """The run's saved config (None for a new run); ConfigError on a refused change."""
+    old_config = read_run_config(workdir) if trained else None
+    if old_config is not None:
+        resume_changes(old_config, _config_to_dict(config), trained[-1], workdir)
+    return old_config
+
+
+def _build_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+               store: ckpt_lib.CheckpointStore, datasets: Datasets | None
+               ) -> tuple[_Run, TrainState]:
+    """Loads the data and builds the model, optimizers, initial state and step."""
     datasets = load_datasets(config) if datasets is None else datasets
     num_classes = int(datasets.train.num_classes)
     steps_per_epoch = len(datasets.train.labels) // config.batch_size
@@ -937,79 +1105,124 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     tx_comp = create_optimizer(config, steps_per_epoch) if cot else None
     state = create_train_state(config, model, tx, datasets.train.images.shape[1:], mesh,
                                tx_comp=tx_comp)
-    lr_fn = create_learning_rate_fn(config, steps_per_epoch)
-    train_step_fn = make_train_step(config, model, tx, mesh, num_classes, tx_comp=tx_comp,
-                                    steps_per_epoch=steps_per_epoch)
+    run = _Run(
+        config=config, workdir=workdir, mesh=mesh, store=store, datasets=datasets,
+        num_classes=num_classes, steps_per_epoch=steps_per_epoch,
+        lr_fn=create_learning_rate_fn(config, steps_per_epoch),
+        step_fn=make_train_step(config, model, tx, mesh, num_classes, tx_comp=tx_comp,
+                                steps_per_epoch=steps_per_epoch),
+        eval_model=create_model(config, num_classes, bn_axis_name=None),
+        abstract=ckpt_lib.abstract_like(state), is_main=jax.process_index() == 0)
+    return run, state
+
+
+def _run_config(run: _Run, old_config: dict | None, trained: list[int]) -> tuple[dict, dict]:
+    """``(config.json's content, the changes a resume records)``."""
+    run_config = _config_to_dict(run.config)
     # What load_for_eval needs to rebuild the model without the data.
     run_config["resolved"] = {
-        "dataset": data_lib.dataset_from_config(config).to_dict(),
-        "num_classes": num_classes, "input_shape": list(datasets.train.images.shape[1:]),
-        "steps_per_epoch": steps_per_epoch, "device_count": int(mesh.devices.size),
+        "dataset": data_lib.dataset_from_config(run.config).to_dict(),
+        "num_classes": run.num_classes,
+        "input_shape": list(run.datasets.train.images.shape[1:]),
+        "steps_per_epoch": run.steps_per_epoch, "device_count": int(run.mesh.devices.size),
         "process_count": jax.process_count()}
     changes = {}
     if old_config is not None:
-        changes = resume_changes(old_config, run_config, trained[-1], workdir)
+        changes = resume_changes(old_config, run_config, trained[-1], run.workdir)
+    return run_config, changes
 
-    abstract = ckpt_lib.abstract_like(state)
-    history: list[dict] = []
-    start_epoch, skipped = 0, []
-    if trained:
-        start_epoch, state, meta, skipped = store.restore_newest_intact(abstract)
-        history = _history(meta, workdir, start_epoch)
-    if start_epoch < config.epochs or skipped:
-        _check_writable(workdir)
 
-    # ---- from here on the workdir may be written ----
+def _restore(run: _Run, state: TrainState, trained: list[int]
+             ) -> tuple[int, TrainState, dict | None, list[dict], list]:
+    """``(start_epoch, state, meta, history, skipped)`` from the newest readable checkpoint."""
+    if not trained:
+        return 0, state, None, [], []
+    start_epoch, state, meta, skipped = run.store.restore_newest_intact(run.abstract)
+    return start_epoch, state, meta, _history(meta, run.workdir, start_epoch), skipped
+
+
+def _set_aside(run: _Run, skipped: list, start_epoch: int) -> None:
+    """Moves unreadable checkpoints out of the way, saying so."""
     if skipped:
-        moved = [store.set_aside(e) for e, _ in skipped]
+        moved = [run.store.set_aside(e) for e, _ in skipped]
         _warn(f"{skipped[0][1]}; resuming from epoch {start_epoch}, the newest readable "
               f"checkpoint (set aside: {', '.join(moved)})")
-    if is_main and (old_config is None or changes):
-        if old_config is not None:
-            run_config[HISTORY_KEY] = list(old_config.get(HISTORY_KEY, [])) + [
-                {"resumed_at_epoch": start_epoch, "changes": changes}]
-        path = os.path.join(workdir, CONFIG_FILE)
-        with _writing(path):
-            atomic_write(path, json.dumps(run_config, indent=2))
-    logger = _Logger(workdir, is_main)
-    eval_model = create_model(config, num_classes, bn_axis_name=None)
-    eval_bs = config.eval_batch_size
-    try:
-        logger.sync(history)
-        if history:
-            _sync_best(store, history, start_epoch, state, meta, abstract)
-        if is_main and start_epoch and start_epoch < config.epochs:
-            print(f"resuming {workdir} at epoch {start_epoch}/{config.epochs}", flush=True)
-        # wall_time_s adds up the training time of every resume.
-        wall_before = (history[-1].get("wall_time_s") or 0.0) if history else 0.0
-        run_start = time.time()
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            state, record = _train_one_epoch(
-                config, state, train_step_fn, datasets.train, epoch, steps_per_epoch, mesh,
-                lr=float(lr_fn((epoch - 1) * steps_per_epoch)),
-                show=is_main and config.get("progress_bar", True))
-            variables = state.variables
-            record["val_acc"] = (None if datasets.val is None else evaluate_accuracy(
-                eval_model, variables, datasets.val, eval_bs, mesh=mesh))
-            record["test_acc"] = (evaluate_accuracy(eval_model, variables, datasets.test,
-                                                    eval_bs, mesh=mesh)
-                                  if config.get("eval_test_every_epoch", True) else None)
-            record["wall_time_s"] = wall_before + time.time() - run_start
-            history.append(record)
-            meta = _meta(history)
-            # The commit of "last" is the epoch's durable record; the best
-            # copy and the log follow it and are repaired from it on resume.
-            store.save(epoch, state, meta)
-            if meta["best_epoch"] == epoch:
-                store.save(epoch, state, meta, which="best_val")
-            logger.write(record)
-            if is_main:
-                print(_epoch_line(record, config.epochs), flush=True)
-        return _final_metrics(config, store, state, history, eval_model, datasets, mesh,
-                              abstract)
-    finally:
-        logger.close()
-        store.close()
+
+
+def _write_run_config(run: _Run, run_config: dict, old_config: dict | None, changes: dict,
+                      start_epoch: int) -> None:
+    """Writes ``config.json`` for a new run or a resume that changed something."""
+    if not run.is_main or (old_config is not None and not changes):
+        return
+    if old_config is not None:
+        run_config[HISTORY_KEY] = list(old_config.get(HISTORY_KEY, [])) + [
+            {"resumed_at_epoch": start_epoch, "changes": changes}]
+    path = os.path.join(run.workdir, CONFIG_FILE)
+    with _writing(path):
+        atomic_write(path, json.dumps(run_config, indent=2))
+
+
+def _sync_logs(run: _Run, logger: _Logger, history: list[dict], start_epoch: int,
+               state: TrainState, meta: dict | None) -> None:
+    """Brings ``metrics.jsonl``, TensorBoard and the best copy in line with the history."""
+    logger.sync(history)
+    if history:
+        _sync_best(run.store, history, start_epoch, state, meta, run.abstract)
+    if run.is_main and start_epoch and start_epoch < run.config.epochs:
+        print(f"resuming {run.workdir} at epoch {start_epoch}/{run.config.epochs}", flush=True)
+
+
+def _train_epochs(run: _Run, state: TrainState, history: list[dict], logger: _Logger,
+                  start_epoch: int) -> TrainState:
+    """Trains, evaluates and commits each remaining epoch; appends to ``history``."""
+    config = run.config
+    # wall_time_s adds up the training time of every resume.
+    wall_before = (history[-1].get("wall_time_s") or 0.0) if history else 0.0
+    run_start = time.time()
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        # Called through the module: tests/test_resume_kill.py wraps it.
+        state, record = _train_one_epoch(
+            config, state, run.step_fn, run.datasets.train, epoch, run.steps_per_epoch,
+            run.mesh, lr=float(run.lr_fn((epoch - 1) * run.steps_per_epoch)),
+            show=run.is_main and config.get("progress_bar", True))
+        record.update(_evaluate_epoch(run, state))
+        record["wall_time_s"] = wall_before + time.time() - run_start
+        history.append(record)
+        _commit_epoch(run, epoch, state, history, logger)
+    return state
+
+
+def _evaluate_epoch(run: _Run, state: TrainState) -> dict:
+    """The epoch's ``val_acc`` and ``test_acc`` (None where not measured)."""
+    variables, bs, ds = state.variables, run.config.eval_batch_size, run.datasets
+    return {
+        "val_acc": (None if ds.val is None else
+                    evaluate_accuracy(run.eval_model, variables, ds.val, bs, mesh=run.mesh)),
+        "test_acc": (evaluate_accuracy(run.eval_model, variables, ds.test, bs, mesh=run.mesh)
+                     if run.config.get("eval_test_every_epoch", True) else None)}
+
+
+def _commit_epoch(run: _Run, epoch: int, state: TrainState, history: list[dict],
+                  logger: _Logger) -> None:
+    """Checkpoint 'last', then the best-validation copy, then TensorBoard + metrics.jsonl.
+
+    The commit of 'last' is the epoch's durable record; the best copy and
+    the log follow it and are repaired from it on resume (the order
+    tests/test_resume_kill.py kills the process at).
+    """
+    meta = _meta(history)
+    run.store.save(epoch, state, meta)
+    if meta["best_epoch"] == epoch:
+        run.store.save(epoch, state, meta, which="best_val")
+    logger.write(history[-1])
+    if run.is_main:
+        print(_epoch_line(history[-1], run.config.epochs), flush=True)
+
+
+class _StepTimes(NamedTuple):
+    steps: int
+    first_step_s: float  # dispatch to result of the first step (compilation included)
+    data_wait_s: float  # host time blocked on the input pipeline
 
 
 def _train_one_epoch(config: ml_collections.ConfigDict, state: TrainState, step_fn: Callable,
@@ -1022,66 +1235,83 @@ def _train_one_epoch(config: ml_collections.ConfigDict, state: TrainState, step_
     """
     from tqdm import tqdm
 
-    metrics = parallel.replicate(init_train_metrics(), mesh)
-    log_every = max(1, int(config.get("log_every_steps", 100)))
-    # Each host prepares (gathers, augments) only its own rows of the global batch.
-    rows = parallel.process_slice(config.batch_size)
-    batches = (parallel.shard_batch(b, mesh, process_local=True)
-               for b in train_batches(train_ds, config, epoch, rows=rows))
     depth = prefetch_depth(config)
-    if depth > 0:
-        batches = parallel.prefetch(batches, size=depth)
+    batches = _device_batches(config, train_ds, epoch, mesh, depth)
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}",
                disable=not show, leave=False, dynamic_ncols=True)
     t0 = time.time()
-    # Host time blocked on the input pipeline. Steps are dispatched
-    # asynchronously, so this bounds how long the device could have starved.
-    data_wait = 0.0
-    first_step = 0.0
     try:
-        i = 0
-        while True:
-            t_wait = time.perf_counter()
-            batch = next(batches, None)
-            data_wait += time.perf_counter() - t_wait
-            if batch is None:
-                break
-            i += 1
-            state, metrics = step_fn(state, metrics, batch)
-            if i == 1:
-                # One sync, so the first step (which compiles in the first
-                # epoch of a process) is timed apart from the steady state.
-                jax.block_until_ready(metrics)
-                first_step = time.time() - t0
-            bar.update(1)
-            # Fetching is a host-device sync: only every log_every steps.
-            if i % log_every == 0:
-                m = jax.device_get(metrics)
-                _check_finite(m, epoch)
-                s = _summarise(m)
-                bar.set_postfix(loss=f"{s['train_loss']:.4f}", acc=f"{s['train_acc']:.3f}")
-        m = jax.device_get(metrics)
+        metrics = parallel.replicate(init_train_metrics(), mesh)
+        state, m, times = _run_steps(config, state, metrics, step_fn, batches, bar, epoch, t0)
     finally:
         batches.close()  # stops the prefetch thread on errors too
         bar.close()
     elapsed = time.time() - t0
     _check_finite(m, epoch)
-    # Steady-state throughput: the first step (compilation included) is
-    # reported as first_step_s and left out, assuming equal batches.
-    images = int(m["count"]) * (i - 1) / max(i, 1)
-    record = {"epoch": epoch, **_summarise(m), "lr": lr, "epoch_time_s": elapsed,
-              "first_step_s": first_step,
-              "images_per_s": images / max(elapsed - first_step, 1e-9) if i > 1
-              else int(m["count"]) / max(elapsed, 1e-9),
-              "data_wait_s": data_wait, "prefetch": depth}
+    record = _epoch_record(epoch, m, times, lr=lr, elapsed=elapsed, depth=depth)
     if state.comp_opt_state is None:
         record.pop("train_complement_loss")
     return state, record
 
 
-def _final_metrics(config, store, state, history, eval_model, datasets, mesh,
-                   abstract) -> dict:
+def _device_batches(config: ml_collections.ConfigDict, train_ds: Any, epoch: int, mesh: Mesh,
+                    depth: int) -> Iterator[dict]:
+    """Epoch ``epoch``'s sharded batches, ``depth`` of them prepared ahead in a thread."""
+    # Each host prepares (gathers, augments) only its own rows of the global batch.
+    rows = parallel.process_slice(config.batch_size)
+    batches = (parallel.shard_batch(b, mesh, process_local=True)
+               for b in train_batches(train_ds, config, epoch, rows=rows))
+    return parallel.prefetch(batches, size=depth) if depth > 0 else batches
+
+
+def _run_steps(config: ml_collections.ConfigDict, state: TrainState, metrics: dict,
+               step_fn: Callable, batches: Iterator[dict], bar: Any, epoch: int,
+               t0: float) -> tuple[TrainState, dict, _StepTimes]:
+    """Steps through ``batches``; returns the state, the fetched metrics and the timings."""
+    log_every = max(1, int(config.get("log_every_steps", 100)))
+    # Steps are dispatched asynchronously, so the data wait bounds how long
+    # the device could have starved.
+    data_wait, first_step, i = 0.0, 0.0, 0
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(batches, None)
+        data_wait += time.perf_counter() - t_wait
+        if batch is None:
+            break
+        i += 1
+        state, metrics = step_fn(state, metrics, batch)
+        if i == 1:
+            # One sync, so the first step (which compiles in the first epoch
+            # of a process) is timed apart from the steady state.
+            jax.block_until_ready(metrics)
+            first_step = time.time() - t0
+        bar.update(1)
+        # Fetching is a host-device sync: only every log_every steps.
+        if i % log_every == 0:
+            m = jax.device_get(metrics)
+            _check_finite(m, epoch)
+            s = _summarise(m)
+            bar.set_postfix(loss=f"{s['train_loss']:.4f}", acc=f"{s['train_acc']:.3f}")
+    return state, jax.device_get(metrics), _StepTimes(i, first_step, data_wait)
+
+
+def _epoch_record(epoch: int, m: dict, times: _StepTimes, *, lr: float, elapsed: float,
+                  depth: int) -> dict:
+    """The epoch's log record from its fetched metrics and timings."""
+    i = times.steps
+    # Steady-state throughput: the first step (compilation included) is
+    # reported as first_step_s and left out, assuming equal batches.
+    images = int(m["count"]) * (i - 1) / max(i, 1)
+    return {"epoch": epoch, **_summarise(m), "lr": lr, "epoch_time_s": elapsed,
+            "first_step_s": times.first_step_s,
+            "images_per_s": images / max(elapsed - times.first_step_s, 1e-9) if i > 1
+            else int(m["count"]) / max(elapsed, 1e-9),
+            "data_wait_s": times.data_wait_s, "prefetch": depth}
+
+
+def _final_metrics(run: _Run, state: TrainState, history: list[dict]) -> dict:
     """The selected epoch's numbers; the last epoch's apart, under ``last_epoch``."""
+    config, store = run.config, run.store
     last = history[-1]
     best = best_epoch(history)
     selected = best if config.selection == "best_val" and best is not None else last["epoch"]
@@ -1090,9 +1320,9 @@ def _final_metrics(config, store, state, history, eval_model, datasets, mesh,
     if test_acc is None:
         if selected != last["epoch"]:
             which = "best_val" if selected in store.epochs("best_val") else "last"
-            state, _ = store.restore(abstract, which=which, epoch=selected)
-        test_acc = evaluate_accuracy(eval_model, state.variables, datasets.test,
-                                     config.eval_batch_size, mesh=mesh)
+            state, _ = store.restore(run.abstract, which=which, epoch=selected)
+        test_acc = evaluate_accuracy(run.eval_model, state.variables, run.datasets.test,
+                                     config.eval_batch_size, mesh=run.mesh)
     out = {k: v for k, v in record.items() if k not in SPEED_KEYS and k != "epoch"}
     out.update(selection=config.selection, selected_epoch=selected, test_acc=test_acc,
                epochs_completed=last["epoch"],

@@ -358,3 +358,29 @@ def test_paper_settings_in_configs():
     assert (t.model, t.dataset, t.epochs) == ("resnet50", "tiny_imagenet", 200)
     red = _load("cifar10_reduced", "gce")
     assert red.model == "resnet20" and red.epochs < 20 and "reduced" in red.name
+
+
+def test_config_names_come_from_the_registries():
+    from gce_jax import losses
+    from gce_jax.models import MODEL_NAMES
+
+    mesh4 = parallel.make_mesh(jax.devices()[:4])
+    for field, value, names in [("loss", "hinge", losses.LOSS_NAMES),
+                                ("model", "vgg16", MODEL_NAMES),
+                                ("training.cot.complement_normalization", "k",
+                                 train.COMPLEMENT_NORMALIZATIONS)]:
+        c = tiny_config(**{field: value, "loss": "xe" if field != "loss" else value,
+                           "training.method": "cot"})
+        with pytest.raises(train.ConfigError, match=re.escape(f"{field}={value!r}: expected "
+                                                               f"one of {tuple(names)}")):
+            train.validate_config(c, mesh4)
+    with pytest.raises(train.ConfigError, match="dataset='nope'"):
+        train.validate_config(tiny_config(dataset="nope"), mesh4)
+    # Every bad value of every section is named in the one error.
+    c = tiny_config(**{"optimizer.learning_rate": -1.0, "epochs": 0, "data.val_size": -1,
+                       "batch_size": 10})
+    with pytest.raises(train.ConfigError) as info:
+        train.validate_config(c, mesh4)
+    for part in ("optimizer.learning_rate=-1.0", "epochs=0", "data.val_size=-1",
+                 "batch_size=10"):
+        assert part in str(info.value)

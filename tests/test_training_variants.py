@@ -4,14 +4,17 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from gce_jax import data, losses, parallel, train
 from gce_jax.attacks import inference_logits_fn, pgd
-from test_parallel import (assert_trees_close, config_for, make_models, max_abs_diff,
+from test_parallel import (B, assert_trees_close, config_for, make_models, max_abs_diff,
                            plain_update, random_batch, run_step)
 from test_train import DATA, one_device, tiny_config
 
@@ -293,3 +296,116 @@ def test_cosine_schedule_with_linear_warmup():
     config.lr_schedule.warmup_epochs = float(config.epochs)
     with pytest.raises(train.ConfigError, match="warmup_epochs"):
         train.validate_config(config)
+
+
+# ---------------------------------------------------------------- step pieces
+# A step is an input transform then an update (gce_jax.train.make_train_step);
+# each piece runs per device, so these call them under a 'batch' shard_map.
+
+class _Tiny(nn.Module):
+    """Linear classifier: small enough to do its optimizer step by hand."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def _per_device(fn, n_devices, out_specs):
+    mesh = parallel.make_mesh(jax.devices()[:n_devices])
+    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                            out_specs=out_specs)
+    return lambda state, x, y: jax.device_get(jax.jit(sharded)(
+        parallel.replicate(state, mesh), *(parallel.shard_batch({"v": v}, mesh)["v"]
+                                           for v in (x, y))))
+
+
+def test_natural_input_transform_is_identity():
+    model, _ = make_models("lenet5")
+    transform = train.make_input_transform(config_for(), model)
+    assert transform is train.natural_inputs
+    b = random_batch((28, 28, 1))
+    mesh1 = parallel.make_mesh(jax.devices()[:1])
+    s0 = train.create_train_state(config_for(), model, train.create_optimizer(config_for(), 10),
+                                  (28, 28, 1), mesh1)
+    out = _per_device(transform, 4, P("batch"))(s0, b["image"], b["label"])
+    np.testing.assert_array_equal(out, b["image"])
+
+
+def test_adversarial_transform_keeps_the_natural_rows_of_the_mix():
+    config = _adv_config(mix=0.25, random_start=True)
+    model, _ = make_models("lenet5")
+    transform = train.make_input_transform(config, model)
+    mesh1 = parallel.make_mesh(jax.devices()[:1])
+    s0 = train.create_train_state(config, model, train.create_optimizer(config, 10),
+                                  (28, 28, 1), mesh1)
+    b = random_batch((28, 28, 1), seed=6)
+    x1 = _per_device(transform, 1, P("batch"))(s0, b["image"], b["label"])
+    x4 = _per_device(transform, 4, P("batch"))(s0, b["image"], b["label"])
+    np.testing.assert_array_equal(x4, x1)  # keyed by the global example index
+    d = np.abs(x1 - b["image"]).reshape(B, -1).max(-1)
+    nat = np.asarray(train.natural_rows(jnp.arange(B), 0.25))
+    assert nat.sum() == 4 and np.all(d[nat] == 0)
+    assert np.all(d[~nat] > 0.05) and np.all(d <= 0.1 + 1e-6)
+    # The step's key: fold_in(state.key, state.step), so the next step differs.
+    x_next = _per_device(transform, 1, P("batch"))(s0.replace(step=s0.step + 1),
+                                                   b["image"], b["label"])
+    assert np.abs(x_next - x1).max() > 0
+
+
+def test_adversarial_objective_comes_from_the_attacks_registry():
+    config = _adv_config(loss="margin")
+    train.validate_config(config)
+    model, _ = make_models("lenet5")
+    mesh1 = parallel.make_mesh(jax.devices()[:1])
+    s0 = train.create_train_state(config, model, train.create_optimizer(config, 10),
+                                  (28, 28, 1), mesh1)
+    b = random_batch((28, 28, 1), seed=7)
+    out = train.adversarial_inputs(model, s0.variables, b["image"], b["label"],
+                                   key=jax.random.PRNGKey(0), adv=config.training.adversarial)
+    ref = pgd(inference_logits_fn(model, s0.variables), b["image"], b["label"],
+              key=jax.random.PRNGKey(0), eps=0.1, steps=3, step_size=0.05,
+              random_start=False, loss="margin")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
+    with pytest.raises(train.ConfigError, match=r"training.adversarial.loss='nope'.*'margin'"):
+        train.validate_config(_adv_config(loss="nope"))
+
+
+@pytest.mark.parametrize("n_devices", [1, 4])
+def test_standard_update_equals_an_optax_step_by_hand(n_devices):
+    config = config_for()
+    model = _Tiny()
+    tx = optax.sgd(0.1, momentum=0.9)
+    mesh1 = parallel.make_mesh(jax.devices()[:1])
+    s0 = jax.device_get(train.create_train_state(config, model, tx, (3, 2), mesh1))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(B, 3, 2)).astype(np.float32)
+    y = rng.integers(0, 10, B).astype(np.int32)
+    update = train.make_update(config, model, tx, 10)
+    assert update.func is train.standard_update
+    out_specs = (P(), train.UpdateOutput(P(), P(), P(), P("batch"), P()))
+    s1, out = _per_device(update, n_devices, out_specs)(s0, x, y)
+
+    def loss(p):
+        return jnp.mean(losses.cross_entropy(model.apply({"params": p}, x), y))
+
+    value, grads = jax.value_and_grad(loss)(s0.params)
+    updates, opt_state = tx.update(grads, s0.opt_state, s0.params)
+    assert_trees_close(s1.params, optax.apply_updates(s0.params, updates), atol=1e-6)
+    assert_trees_close(s1.opt_state, opt_state, atol=1e-6)
+    np.testing.assert_allclose(out.loss, value, rtol=1e-6)
+    np.testing.assert_allclose(out.grad_norm, optax.tree.norm(grads), rtol=1e-5)
+    assert bool(out.ok) and float(out.comp_loss) == 0.0 and out.logits.shape == (B, 10)
+    assert int(s1.step) == int(s0.step)  # train_step, not the update, counts steps
+
+
+def test_update_follows_the_method():
+    config = config_for()
+    model, _ = make_models("lenet5")
+    tx = train.create_optimizer(config, 10)
+    assert train.make_update(config, model, tx, 10).func is train.standard_update
+    config.training.method = "cot"
+    cot = train.make_update(config, model, tx, 10, tx_comp=tx)
+    assert cot.func is train.complement_update
+    assert cot.keywords["primary"].func is train.standard_update
+    with pytest.raises(train.ConfigError, match="tx_comp"):
+        train.make_update(config, model, tx, 10)
