@@ -430,7 +430,8 @@ def adversarial_inputs(model: nn.Module, variables: dict, x: jax.Array, y: jax.A
     :func:`gce_jax.attacks.pgd`), so a step gives the same result on any
     number of devices.
     """
-    from gce_jax.attacks import inference_logits_fn, pgd
+    from gce_jax.attacks import pgd
+    from gce_jax.models import logits_fn as inference_logits_fn
 
     attack = functools.partial(
             pgd, inference_logits_fn(model, variables), key=key, eps=adv.eps * eps_scale,

@@ -12,7 +12,7 @@ it as an ordinary (non-static) argument:
 * a plain callable ``f`` becomes ``Partial(f)``: the cache is keyed on ``f``
   itself, so calling an attack again with the *same* function object reuses the
   compiled code (a fresh ``lambda`` per call recompiles -- keep the closure);
-* :func:`inference_logits_fn` (= ``gce_jax.models.logits_fn``) builds
+* ``gce_jax.models.logits_fn(model, variables)`` builds
   ``Partial(_InferenceApply(model), variables)``:
   the function part compares equal for equal modules and the variables are
   traced leaves, so new weights (every step of adversarial training, or a new
@@ -72,15 +72,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from gce_jax.models import logits_fn as models_logits_fn
-
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
-
-
-# The model closure lives with the models; attacks re-export it under the name
-# their docs use.
-inference_logits_fn = models_logits_fn
 
 
 def as_partial(logits_fn: LogitsFn) -> Partial:
