@@ -17,7 +17,7 @@ global batches; the parameters must agree with the 1-device run to float
 tolerance (the order of the gradient reduction differs).
 
 The second table does the same for attack evaluation as
-``gce_jax.evaluation.Evaluator(mesh=...)`` runs it: PGD with a random start
+``gce_jax.robustness.Evaluator(mesh=...)`` runs it: PGD with a random start
 on LeNet-5, each batch split across the devices and the model replicated.
 Correctness: the set of examples still classified correctly after the attack
 must equal the 1-device set.
