@@ -280,3 +280,26 @@ def finish(x_adv: Array, x: Array) -> Array:
         away = jnp.abs(out.astype(x_adv.dtype) - wide) > jnp.abs(x_adv - wide)
         out = jnp.where(away, jnp.nextafter(out, x), out)
     return jax.lax.stop_gradient(out)
+
+
+def uniform_start(keys: Array, x: Array, eps: Array, norm: str) -> Array:
+    """A point uniform in the eps-ball (``norm``: linf | l2) around each example, clipped to [0,1].
+
+    ``keys``: one PRNG key per example (:func:`example_keys`). The random start
+    of PGD, L2 PGD and APGD.
+    """
+    shape = x.shape[1:]
+    if norm == "linf":
+        u = jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0))(keys)
+        return jnp.clip(x + eps * u, 0.0, 1.0)
+    # Uniform in the L2 ball: isotropic direction, radius eps * U^(1/d).
+    d = x[0].size
+
+    def sample(k):
+        k_dir, k_rad = jax.random.split(k)
+        v = jax.random.normal(k_dir, shape, x.dtype)
+        v = v / jnp.maximum(jnp.linalg.norm(v.ravel()), 1e-12)
+        return v * jax.random.uniform(k_rad, (), x.dtype) ** (1.0 / d)
+
+    delta = jax.vmap(sample)(keys) * eps
+    return jnp.clip(x + delta, 0.0, 1.0)

@@ -27,30 +27,12 @@ import jax.numpy as jnp
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, budget, check_inputs,
                                      example_keys, finish, l2_project, linf_project,
-                                     per_example_sum, run_chunked, working_precision)
+                                     per_example_sum, run_chunked, uniform_start,
+                                     working_precision)
 from gce_jax.attacks.defaults import ATTACK_DEFAULTS, STEP_SCALE, derived_step_size
 from gce_jax.attacks.objectives import signed_objective
 
 _BIM, _PGD, _MIM, _PGD_L2 = (ATTACK_DEFAULTS[a] for a in ("bim", "pgd", "mim", "pgd_l2"))
-
-
-def _random_start(keys: Array, x: Array, eps: Array, norm: str) -> Array:
-    """A point uniform in the eps-ball around each example, clipped to [0,1]."""
-    shape = x.shape[1:]
-    if norm == "linf":
-        u = jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0))(keys)
-        return jnp.clip(x + eps * u, 0.0, 1.0)
-    # Uniform in the L2 ball: isotropic direction, radius eps * U^(1/d).
-    d = x[0].size
-
-    def sample(k):
-        k_dir, k_rad = jax.random.split(k)
-        v = jax.random.normal(k_dir, shape, x.dtype)
-        v = v / jnp.maximum(jnp.linalg.norm(v.ravel()), 1e-12)
-        return v * jax.random.uniform(k_rad, (), x.dtype) ** (1.0 / d)
-
-    delta = jax.vmap(sample)(keys) * eps
-    return jnp.clip(x + delta, 0.0, 1.0)
 
 
 def _iterative_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
@@ -91,7 +73,7 @@ def _iterative_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
             x_new = jnp.where(keep, x_adv, x_new)
         return x_new, m
 
-    x_init = _random_start(keys, x, eps, norm) if random_start else x
+    x_init = uniform_start(keys, x, eps, norm) if random_start else x
     x_adv, _ = jax.lax.fori_loop(0, steps, body, (x_init, jnp.zeros_like(x)))
     return x_adv
 
