@@ -358,6 +358,12 @@ def test_cli_end_to_end_on_a_trained_checkpoint(tiny_run, tmp_path, capsys):
     assert f"Verdict (digits_lenet5_xe): {verdict}" in stdout
     md = (out / "robustness.md").read_text().strip().splitlines()
     assert md[-1] == f"**Verdict (digits_lenet5_xe): {verdict}**"
+    # Every table row has its header's columns (the diagnostics' attacks included).
+    assert "Diagnostic attacks:" in md
+    header = None
+    for line in md:
+        header = (header or line.count("|")) if line.startswith("|") else None
+        assert header is None or line.count("|") == header, line
     assert not [f for f in os.listdir(out) if f.startswith(".")]
 
 
