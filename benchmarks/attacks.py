@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from gce_jax import attacks as A  # noqa: E402
 from gce_jax.losses import cross_entropy  # noqa: E402
-from gce_jax.models import get_model  # noqa: E402
+from gce_jax.models import get_model, logits_fn  # noqa: E402
 
 
 def once(fn) -> float:
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     model = get_model("lenet5", num_classes=10)
     x = jax.random.uniform(jax.random.key(0), (batch, 28, 28, 1))
     variables = model.init(jax.random.key(1), x[:1])
-    fn = A.inference_logits_fn(model, variables)
+    fn = logits_fn(model, variables)
     y = jnp.argmax(fn(x), axis=-1)
     key = jax.random.key(2)
 

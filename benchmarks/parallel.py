@@ -17,7 +17,7 @@ global batches; the parameters must agree with the 1-device run to float
 tolerance (the order of the gradient reduction differs).
 
 The second table does the same for attack evaluation as
-``gce_jax.evaluation.Evaluator(mesh=...)`` runs it: PGD with a random start
+``gce_jax.robustness.Evaluator(mesh=...)`` runs it: PGD with a random start
 on LeNet-5, each batch split across the devices and the model replicated.
 Correctness: the set of examples still classified correctly after the attack
 must equal the 1-device set.
@@ -138,14 +138,15 @@ def evaluation_case(name: str = "eval", devices: int = 1, batch: int = 500,
     placed as ``Evaluator(mesh=...)`` places it. The labels are the model's
     clean predictions, and the small eps leaves some of them standing, so the
     survivor check below is not vacuous."""
-    from gce_jax.attacks import inference_logits_fn, pgd
+    from gce_jax.attacks import pgd
+    from gce_jax.models import logits_fn
 
     if jax.device_count() < devices:
         raise RuntimeError(f"need {devices} devices, have {jax.device_count()}")
     mesh = parallel.make_mesh(jax.devices()[:devices])
     model = train.create_model(_config(batch, "xe"), 10, bn_axis_name=None)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-    fn = jax.device_put(inference_logits_fn(model, variables), parallel.replicated(mesh))
+    fn = jax.device_put(logits_fn(model, variables), parallel.replicated(mesh))
     host = _host_batches(batch, 1, seed=2)[0]
     host["label"] = np.asarray(jnp.argmax(fn(host["image"]), -1)).astype(np.int32)
     placed = {k: jax.device_put(v, parallel.batch_sharded(mesh)) for k, v in host.items()}

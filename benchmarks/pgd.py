@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from benchmarks._harness import (FnCase, WorkerCase, hardware_line, measure, say, table,
                                  torch_available)
 from gce_jax import attacks as A
-from gce_jax.models import get_model
+from gce_jax.models import get_model, logits_fn
 
 
 def pgd_case(name: str = "pgd", conv_impl: str = "auto", batch: int = 500, steps: int = 40,
@@ -47,7 +47,7 @@ def pgd_case(name: str = "pgd", conv_impl: str = "auto", batch: int = 500, steps
         shape = (batch, 32, 32, 3)
     x = jax.random.uniform(jax.random.key(0), shape)
     variables = net.init(jax.random.key(1), x[:1])
-    fn = A.inference_logits_fn(net, variables)
+    fn = logits_fn(net, variables)
     y = jnp.argmax(fn(x), axis=-1)
     key = jax.random.key(2)
 

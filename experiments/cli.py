@@ -36,7 +36,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     from gce_jax.checkpoint import CheckpointError
     from gce_jax.data import DataError
-    from gce_jax.evaluation import EvaluationError
+    from gce_jax.robustness import EvaluationError
     from gce_jax.train import ConfigError, TrainingError
     return (flags.Error, ConfigError, TrainingError, DataError, EvaluationError,
             CheckpointError, OSError, UserError)

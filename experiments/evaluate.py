@@ -175,7 +175,7 @@ def _check_out_dir(path: str) -> None:
 
 
 def _parse_attacks(names: list[str], registry) -> list[tuple[str, str]]:
-    from gce_jax.evaluation import EvaluationError, parse_attack_name
+    from gce_jax.robustness import EvaluationError, parse_attack_name
     out = []
     for n in names:
         try:
@@ -221,20 +221,21 @@ def _load_test_set(config, n: int, seed: int):
 
 
 def _main_specs(attacks: list[tuple[str, str]], eps: list[float], config, args):
-    from gce_jax import evaluation as E
+    from experiments.paper_numbers import PAPER_JSMA_GAMMA
+    from gce_jax import robustness as R
     specs = []
     pgd_kw = {"steps": args.pgd_steps, "step_size": args.pgd_step_size,
               "random_start": bool(config.eval.get("pgd_random_start", True))}
     for attack, loss in attacks:
-        if attack in E.EPS_FREE_ATTACKS:
+        if attack in R.EPS_FREE_ATTACKS:
             if attack == "jsma":
-                for g in E.PAPER_JSMA_GAMMA.get(config.dataset, (0.25,)):
-                    specs.append(E.paper_spec(attack, None, gamma=g, label=f"jsma (gamma={g:g})"))
+                for g in PAPER_JSMA_GAMMA.get(config.dataset, (0.25,)):
+                    specs.append(R.paper_spec(attack, None, gamma=g, label=f"jsma (gamma={g:g})"))
             else:
                 # A reduced C&W budget (CPU runs) is recorded in the report's settings.
                 cw = {k: v for k, v in (("binary_steps", args.cw_binary_steps),
                                         ("steps", args.cw_steps)) if v is not None}
-                specs.append(E.paper_spec(attack, None, **cw))
+                specs.append(R.paper_spec(attack, None, **cw))
             continue
         for e in eps:
             kw = dict(pgd_kw) if attack == "pgd" else {}
@@ -242,7 +243,7 @@ def _main_specs(attacks: list[tuple[str, str]], eps: list[float], config, args):
                 kw["steps"] = args.apgd_steps
             if attack in ("square", "autoattack"):
                 kw["n_queries"] = args.square_queries
-            specs.append(E.paper_spec(attack, e, loss=loss, **kw))
+            specs.append(R.paper_spec(attack, e, loss=loss, **kw))
     return specs
 
 
@@ -252,10 +253,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     from gce_jax.attacks import ATTACKS
     attacks = _parse_attacks(_split_names(args.attacks) or ["fgsm", "bim", "pgd", "mim"], ATTACKS)
 
-    from gce_jax import diagnostics as D
-    from gce_jax import evaluation as E
-    from gce_jax import plots
-    from gce_jax.attacks import inference_logits_fn
+    from experiments.paper_numbers import default_eps
+    from gce_jax import models, plots
+    from gce_jax import robustness as R
     from gce_jax.checkpoint import variables_fingerprint
     from gce_jax.provenance import portable_path
 
@@ -272,43 +272,43 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         if rconfig.loss != "xe":
             print(f"warning: reference model was trained with {rconfig.loss!r}, not 'xe'",
                   file=sys.stderr)
-        ref = (inference_logits_fn(rmodel, rvars),
+        ref = (models.logits_fn(rmodel, rvars),
                os.path.basename(os.path.normpath(args.reference_workdir)))
 
     ev_cfg = config.get("eval", {})
     args.pgd_steps = args.pgd_steps or int(ev_cfg.get("pgd_steps", 40))
     args.pgd_step_size = args.pgd_step_size or float(ev_cfg.get("pgd_step_size", 0.01))
     eps = args.eps if args.eps is not None else [
-        float(e) for e in (ev_cfg.get("pgd_eps") or E.default_eps(config.dataset))]
+        float(e) for e in (ev_cfg.get("pgd_eps") or default_eps(config.dataset))]
 
     x, y, data_info = _load_test_set(config, args.n, args.seed)
-    logits_fn = inference_logits_fn(model, variables)
+    logits_fn = models.logits_fn(model, variables)
     import jax
     from gce_jax.parallel import make_mesh
     mesh = make_mesh(jax.local_devices()[:args.devices])
-    ev = E.Evaluator(logits_fn, x, y, seed=args.seed, batch_size=args.batch_size, mesh=mesh,
+    ev = R.Evaluator(logits_fn, x, y, seed=args.seed, batch_size=args.batch_size, mesh=mesh,
                      registry=ATTACKS, progress=not args.no_progress)
     results = []
     try:
         for spec in _main_specs(attacks, eps, config, args):
             results.extend(ev.run(spec).with_components())
-    except E.EvaluationError as e:
+    except R.EvaluationError as e:
         raise CLIError(str(e)) from None
 
     diag_json, diag_results, png = None, [], None
-    verdict = f"{D.VERDICT_INCONCLUSIVE}: diagnostics not run (--no_diagnostics)"
+    verdict = f"{R.VERDICT_INCONCLUSIVE}: diagnostics not run (--no_diagnostics)"
     if not args.no_diagnostics:
-        dcfg = D.DiagnosticsConfig(
+        dcfg = R.DiagnosticsConfig(
             eps=args.diag_eps, eps_grid=tuple(e for e in eps if e > 0) or (0.1,),
             pgd_steps=args.pgd_steps, pgd_step_size=args.pgd_step_size,
             apgd_steps=args.apgd_steps, square_queries=args.square_queries,
             restarts=args.restarts, model_loss=config.get("loss"))
-        diag = D.run_diagnostics(ev, dcfg, reference_logits_fn=ref[0] if ref else None,
+        diag = R.run_diagnostics(ev, dcfg, reference_logits_fn=ref[0] if ref else None,
                                  reference_name=ref[1] if ref else None,
                                  extra_results=results)
         png = plots.render_accuracy_vs_eps(
             {f"PGD-xe ({args.pgd_steps} steps)": (diag.curve_eps, diag.curve_accuracy)},
-            title=f"{run_name}: robust accuracy vs eps", zero_line=D.ZERO_ACC_MAX,
+            title=f"{run_name}: robust accuracy vs eps", zero_line=R.ZERO_ACC_MAX,
             marks=[diag.eps])
         diag.plot = PNG_NAME
         diag_json = diag.to_json()
@@ -329,11 +329,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "variables_sha256": variables_fingerprint(variables),
     }
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "experiments.evaluate", *argv])
-    report = E.build_report(run=run_name, workdir=portable_path(args.workdir),
+    report = R.build_report(run=run_name, workdir=portable_path(args.workdir),
                             command=command, model=model_info, data=data_info, evaluator=ev,
                             results=results, diagnostics=diag_json, verdict=verdict,
                             extra_results=diag_results)
-    jpath, mpath = E.write_report(args.out, report, extra_files={PNG_NAME: png} if png else None)
+    jpath, mpath = R.write_report(args.out, report, extra_files={PNG_NAME: png} if png else None)
     print(f"wrote {jpath} and {mpath}")
     print(f"Verdict ({run_name}): {verdict}")
     return report

@@ -1,8 +1,13 @@
 """The numbers printed in the paper (Chen et al., ICCV 2019), for side-by-side tables.
 
 These are the paper's claims, transcribed from its Tables 2-6; they are never
-used as our results. Keys: (dataset, attack, param) -> {model: value}.
+used as our results. Keys: (dataset, attack, param) -> {model: value}. The
+paper's attack budgets (eps grids, JSMA's gamma) are here too: the evaluation
+CLI uses them as its defaults. Attack settings (steps, step sizes) are the
+attacks' own defaults, in ``gce_jax.attacks.defaults``.
 """
+
+from __future__ import annotations
 
 # Table 2: clean error rate (%).
 TABLE2_ERROR = {
@@ -55,3 +60,22 @@ TABLE6_ACC = {
     "mnist": {("pgd", 0.3): (83.67, 83.85)},
     "cifar10": {("pgd", 0.04): (41.50, 41.57), ("pgd", 0.08): (12.93, 13.16)},
 }
+
+# Attack budgets of Tables 3-4: the L_inf eps grid per data set family.
+PAPER_EPS = {
+    "mnist": (0.1, 0.2, 0.3),
+    "digits": (0.1, 0.2, 0.3),
+    "cifar10": (0.04, 0.12, 0.2),
+    "cifar100": (0.04, 0.12, 0.2),
+    "tiny_imagenet": (0.04, 0.12, 0.2),
+}
+# JSMA's gamma (max. fraction of pixels changed), Table 3.
+PAPER_JSMA_GAMMA = {
+    "mnist": (0.25, 0.5), "digits": (0.25, 0.5), "cifar10": (0.07, 0.14),
+    "cifar100": (0.07, 0.14), "tiny_imagenet": (0.07, 0.14),
+}
+
+
+def default_eps(dataset: str | None) -> tuple[float, ...]:
+    """The paper's eps grid for a data set (MNIST's for unknown names)."""
+    return PAPER_EPS.get(dataset or "", PAPER_EPS["mnist"])

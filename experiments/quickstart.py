@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.configs import mnist_lenet5
-from gce_jax import attacks, data
+from gce_jax import attacks, data, models
 from gce_jax.train import load_for_eval, train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -96,7 +96,7 @@ def run_quickstart(*, data_dir: str | None, epochs: int | None, workdir: str, n_
         x = test.images[:n].astype(np.float32) / 255.0
         y = test.labels[:n]
         rows["XE" if loss == "xe" else "GCE (alpha=1/3)"] = attack_table(
-            attacks.inference_logits_fn(model, variables), x, y, eps_values, seed)
+            models.logits_fn(model, variables), x, y, eps_values, seed)
     return rows, n, config.dataset
 
 

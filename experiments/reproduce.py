@@ -313,8 +313,8 @@ def _eval_argv_slow(args) -> list[str]:
 
 def _slow_tag(args) -> str:
     """``jsma-cw-n1000``; a reduced C&W budget is part of the name (``...-cw5x200``)."""
-    from gce_jax.evaluation import PAPER_PARAMS
-    paper = PAPER_PARAMS["carlini_wagner_l2"]
+    from gce_jax.attacks.defaults import ATTACK_DEFAULTS
+    paper = ATTACK_DEFAULTS["carlini_wagner_l2"]
     tag = f"jsma-cw-n{args.n_slow}"
     if args.cw_binary_steps is not None or args.cw_steps is not None:
         tag += (f"-cw{args.cw_binary_steps or paper['binary_steps']}"

@@ -52,7 +52,7 @@ from gce_jax import checkpoint as ckpt_lib
 from gce_jax import data as data_lib
 from gce_jax import losses as losses_lib
 from gce_jax import parallel
-from gce_jax.models import MODEL_NAMES, get_model
+from gce_jax.models import MODEL_NAMES, get_model, logits_fn
 from gce_jax.provenance import append_line, atomic_write
 
 AXIS = parallel.BATCH_AXIS
@@ -480,10 +480,10 @@ def adversarial_inputs(model: nn.Module, variables: dict, x: jax.Array, y: jax.A
     natural rows are keyed by it (see :func:`gce_jax.attacks.pgd`), so a step
     gives the same result on any number of devices.
     """
-    from gce_jax.attacks import inference_logits_fn, pgd
+    from gce_jax.attacks import pgd
 
     attack = functools.partial(
-            pgd, inference_logits_fn(model, variables), key=key, eps=adv.eps * eps_scale,
+            pgd, logits_fn(model, variables), key=key, eps=adv.eps * eps_scale,
             steps=adv.steps, step_size=adv.step_size * eps_scale,
             random_start=adv.get("random_start", True),
             loss=adv.get("loss", ADVERSARIAL_OBJECTIVE))

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from gce_jax import attacks as A
 from gce_jax.attacks import objectives
 from gce_jax.losses import cross_entropy, guided_complement_entropy
+from gce_jax.models import logits_fn
 
 K = 5
 HYP = settings(max_examples=10, deadline=None, derandomize=True,
@@ -53,7 +54,7 @@ def mlp_fn(shape: tuple[int, ...]):
     """One cached ``logits_fn`` per input shape (so the jit caches are hit)."""
     model = TinyMLP()
     variables = model.init(jax.random.key(sum(shape)), jnp.zeros((1,) + shape))
-    return A.inference_logits_fn(model, variables)
+    return logits_fn(model, variables)
 
 
 def linear_params(d: int, k: int = K, seed: int = 0):
@@ -143,7 +144,7 @@ def test_attacks_are_gradient_stopped_and_jittable():
         return A.pgd(lambda z: model.apply(v, z), xb, yb, key=jax.random.key(0),
                      eps=0.1, steps=2)
 
-    direct = A.pgd(A.inference_logits_fn(model, variables), x, y,
+    direct = A.pgd(logits_fn(model, variables), x, y,
                    key=jax.random.key(0), eps=0.1, steps=2)
     np.testing.assert_allclose(step(variables, x, y), direct, atol=1e-6)
 
@@ -155,10 +156,10 @@ def test_no_recompile_for_new_eps_or_new_weights():
     v1 = model.init(jax.random.key(1), jnp.zeros((1,) + shape))
     v2 = model.init(jax.random.key(2), jnp.zeros((1,) + shape))
     from gce_jax.attacks import gradient
-    A.bim(A.inference_logits_fn(model, v1), x, y, eps=0.1, steps=2)
+    A.bim(logits_fn(model, v1), x, y, eps=0.1, steps=2)
     size = gradient._iterative_jit._cache_size()
-    A.bim(A.inference_logits_fn(model, v2), x, y, eps=0.2, steps=2)
-    A.bim(A.inference_logits_fn(TinyMLP(), v1), x, y, eps=0.3, steps=2, step_size=0.5)
+    A.bim(logits_fn(model, v2), x, y, eps=0.2, steps=2)
+    A.bim(logits_fn(TinyMLP(), v1), x, y, eps=0.3, steps=2, step_size=0.5)
     assert gradient._iterative_jit._cache_size() == size
 
 
@@ -559,6 +560,25 @@ def test_paper_defaults_are_the_function_defaults():
     d = _defaults(A.square)
     assert (d["n_queries"], d["p_init"], d["loss"]) == (5000, 0.8, "margin")
     assert A.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+def test_defaults_table_is_what_the_attacks_and_attack_spec_use():
+    from gce_jax.attacks import defaults
+    assert set(defaults.ATTACK_DEFAULTS) == set(A.ATTACKS)
+    for name, table in defaults.ATTACK_DEFAULTS.items():
+        sig = _defaults(A.ATTACKS[name])
+        assert {k: sig[k] for k in table} == dict(table), name
+    for name, scale in defaults.STEP_SCALE.items():
+        spec = A.attack_spec(name, eps=0.3, steps=6)
+        assert spec["step_size"] == pytest.approx(scale * 0.3 / 6), name
+    # A step derived from eps / steps at steps=0 is a clear error, not a ZeroDivisionError.
+    with pytest.raises(ValueError, match="steps >= 1"):
+        A.attack_spec("bim", eps=0.1, steps=0)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        defaults.derived_step_size(2.5, 0.1, 0)
+    s = defaults.default_settings("bim", 0.3, steps=5)
+    assert s["step_size"] == pytest.approx(0.06) and s["steps"] == 5
+    assert defaults.default_settings("bim", 0.3, step_size=0.1)["step_size"] == 0.1
 
 
 def test_attack_spec_and_registry():

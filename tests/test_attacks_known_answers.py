@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from gce_jax import attacks as A
+from gce_jax.models import logits_fn
 
 N_TRAIN = 1500
 EPS = 0.1
@@ -54,7 +55,7 @@ def digits():
         return params
 
     params = train(params)
-    fn = A.inference_logits_fn(model, params)
+    fn = logits_fn(model, params)
     xt, yt = jnp.asarray(x[N_TRAIN:]), jnp.asarray(y[N_TRAIN:])
     assert accuracy(fn, xt, yt) > 0.95
     return fn, xt, yt

@@ -18,7 +18,7 @@ from scipy.optimize import linprog
 from test_attacks_known_answers import digits  # noqa: F401 -- a trained digits MLP fixture
 
 from gce_jax import attacks as A
-from gce_jax import evaluation as E
+from gce_jax import robustness as R
 from gce_jax.attacks import CLEAN_MISCLASSIFIED, ROBUST, objectives
 
 D, K_LIN = 20, 5
@@ -238,11 +238,11 @@ def test_evaluator_reports_autoattack_and_one_cumulative_row_per_component(digit
     from gce_jax import parallel
     fn, x, y = digits
     x, y = x[:N], y[:N]
-    spec = E.paper_spec("autoattack", 0.08, **BUDGET)
+    spec = R.paper_spec("autoattack", 0.08, **BUDGET)
     assert spec.label == "autoattack" and spec.loss is None
-    one = E.Evaluator(fn, x, y, batch_size=N, registry=A.ATTACKS, progress=False)
+    one = R.Evaluator(fn, x, y, batch_size=N, registry=A.ATTACKS, progress=False)
     res = one.run(spec)
-    direct = A.autoattack(fn, x, y, key=one.spec_key(spec), eps=0.08, **BUDGET)
+    direct = A.autoattack(fn, x, y, key=one.prng_key_for(spec), eps=0.08, **BUDGET)
     np.testing.assert_array_equal(res.robust, direct.broken_by == ROBUST)
     rows = res.with_components()
     assert [r.record["label"] for r in rows] == [
@@ -255,19 +255,19 @@ def test_evaluator_reports_autoattack_and_one_cumulative_row_per_component(digit
     np.testing.assert_array_equal(rows[-1].robust, res.robust)
     assert res.record["loss"].startswith("apgd-ce:xe") and res.record["settings"]["steps"] == 5
     # The worst case counts the ensemble once, not its cumulative rows.
-    pgd = one.run(E.paper_spec("pgd", 0.08, steps=3))
-    (group,) = E.best_robust([*rows, pgd])
+    pgd = one.run(R.paper_spec("pgd", 0.08, steps=3))
+    (group,) = R.best_robust([*rows, pgd])
     assert group["attacks"] == ["autoattack", "pgd-xe"]
-    md = E.report_to_markdown(E.build_report(
+    md = R.report_to_markdown(R.build_report(
         run="toy", workdir="/w", command="cmd", model={"name": "mlp"},
         data={"dataset": "digits", "split": "test", "n": N, "selection": "all"},
         evaluator=one, results=rows, diagnostics=None, verdict="inconclusive: test"))
     assert "| autoattack > fab-t |" in md
     # Each batch split over 4 devices: the same robust examples.
-    four = E.Evaluator(fn, x, y, batch_size=N, registry=A.ATTACKS, progress=False,
+    four = R.Evaluator(fn, x, y, batch_size=N, registry=A.ATTACKS, progress=False,
                        mesh=parallel.make_mesh(jax.devices()[:4]))
     np.testing.assert_array_equal(four.run(spec).robust, res.robust)
-    with pytest.raises(E.EvaluationError, match="restarts must be 1"):
-        E.paper_spec("autoattack", 0.08, restarts=2)
-    with pytest.raises(E.EvaluationError, match="fixed objective"):
-        E.parse_attack_name("autoattack:xe", A.ATTACKS)
+    with pytest.raises(R.EvaluationError, match="restarts must be 1"):
+        R.paper_spec("autoattack", 0.08, restarts=2)
+    with pytest.raises(R.EvaluationError, match="fixed objective"):
+        R.parse_attack_name("autoattack:xe", A.ATTACKS)

@@ -269,18 +269,18 @@ def test_reproduce_errors_are_one_line_and_write_nothing(tmp_path, capsys):
 
 # ------------------------------------------------------------ evaluation output
 def test_progress_bars_are_named_by_attack_loss_and_eps():
-    from gce_jax import evaluation as E
-    names = {E.progress_name(E.paper_spec("pgd", eps, loss=loss))
+    from gce_jax import robustness as R
+    names = {R.progress_name(R.paper_spec("pgd", eps, loss=loss))
              for eps in (0.1, 0.3) for loss in ("xe", "margin")}
     assert names == {"pgd-xe eps=0.1", "pgd-xe eps=0.3", "pgd-margin eps=0.1",
                      "pgd-margin eps=0.3"}
-    assert E.progress_name(E.AttackSpec("pgd", 0.1, "xe", label="pgd-xe (2x steps)"),
+    assert R.progress_name(R.AttackSpec("pgd", 0.1, "xe", label="pgd-xe (2x steps)"),
                            "xe_run") == "pgd-xe eps=0.1 (2x steps) [xe_run]"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_result_files_honour_the_umask(tmp_path, umask):
-    from gce_jax.evaluation import atomic_write
+    from gce_jax.provenance import atomic_write
     old = os.umask(umask)
     try:
         atomic_write(str(tmp_path / "robustness.json"), "{}")

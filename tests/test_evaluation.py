@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gce_jax import evaluation as E
+from gce_jax import robustness as R
 from gce_jax.attacks import ATTACKS, draw_targets
 
 # Pinned on purpose: robustness.json is parsed by tables and plots downstream.
@@ -64,12 +64,12 @@ REG = {"darken": darken, "coin": coin, "outside": outside}
 
 
 def spec(attack, eps, **kw):
-    return E.AttackSpec(attack, eps, threat_norm="linf", **kw)
+    return R.AttackSpec(attack, eps, threat_norm="linf", **kw)
 
 
 def evaluator(batch_size=16, seed=0):
     x, y = toy_data()
-    return E.Evaluator(toy_logits, x, y, seed=seed, batch_size=batch_size, registry=REG,
+    return R.Evaluator(toy_logits, x, y, seed=seed, batch_size=batch_size, registry=REG,
                        progress=False)
 
 
@@ -128,10 +128,10 @@ def test_targeted_success_counts_only_the_target_and_averages_distances_over_suc
          + rng.uniform(-0.1, 0.1, (40, 3, 3, 1))).astype(np.float32)
     y[:4] = (y[:4] + 1) % 3  # clean errors: never attacked successfully
     reg = {"to_center": to_class_center}
-    spec_ = E.AttackSpec("to_center", None, loss=None, threat_norm="l2")
+    spec_ = R.AttackSpec("to_center", None, loss=None, threat_norm="l2")
     records = []
     for bs in (40, 7):  # the targets follow the example index, not the batch
-        ev = E.Evaluator(three_class_logits, x, y, batch_size=bs, registry=reg,
+        ev = R.Evaluator(three_class_logits, x, y, batch_size=bs, registry=reg,
                          progress=False)
         res = ev.run(spec_)
         records.append(res.record)
@@ -142,14 +142,14 @@ def test_targeted_success_counts_only_the_target_and_averages_distances_over_suc
         assert r["targeted"] and r["num_robust"] == 0  # every example misclassified ...
         assert r["num_success"] == even.sum()  # ... but only the even ones hit the target
         assert r["success_rate"] == pytest.approx(even.sum() / clean.sum())
-        restart0 = jax.random.fold_in(ev.spec_key(spec_), 0)
+        restart0 = jax.random.fold_in(ev.prng_key_for(spec_), 0)
         t = np.asarray(draw_targets(restart0, y, 3))
         dist = np.sqrt(((x - np.asarray(CENTERS, np.float32)[t][:, None, None, None]) ** 2
                         ).reshape(40, -1).sum(1))
         assert r["mean_l2"] == pytest.approx(dist[even].mean(), rel=1e-5)
         assert r["mean_l0"] == 9.0
     assert records[0]["success_rate"] == records[1]["success_rate"]
-    md = E.report_to_markdown(_report(ev, [res]))
+    md = R.report_to_markdown(_report(ev, [res]))
     row = next(l for l in md.splitlines() if l.startswith("| to_center"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[5:9] == ["0.00", f"{100 * r['success_rate']:.2f} t", "9.0",
@@ -161,7 +161,7 @@ def test_no_success_records_none_distances():
     r = ev.run(spec("darken", 0.0)).record
     assert r["num_success"] == 0 and r["success_rate"] == 0.0
     assert r["mean_l0"] is None and r["mean_l2"] is None
-    assert "| 0.00 | n/a | n/a |" in E.report_to_markdown(_report(ev, [ev.run(spec("darken", 0.0))]))
+    assert "| 0.00 | n/a | n/a |" in R.report_to_markdown(_report(ev, [ev.run(spec("darken", 0.0))]))
 
 
 def test_batching_and_padding_do_not_change_results():
@@ -182,46 +182,46 @@ def test_restarts_take_the_per_example_worst_case_and_seeds_reproduce():
 
 
 def test_attack_leaving_the_ball_is_an_error():
-    with pytest.raises(E.EvaluationError, match="Linf ball"):
+    with pytest.raises(R.EvaluationError, match="Linf ball"):
         evaluator().run(spec("outside", 0.1))
 
 
 def test_real_attack_settings_are_resolved_and_typos_rejected():
     x, y = toy_data()
-    ev = E.Evaluator(toy_logits, x, y, batch_size=50, progress=False)  # default registry
-    res = ev.run(E.paper_spec("bim", 0.2))
+    ev = R.Evaluator(toy_logits, x, y, batch_size=50, progress=False)  # default registry
+    res = ev.run(R.paper_spec("bim", 0.2))
     s = res.record["settings"]
     assert s["steps"] == 10 and s["step_size"] == pytest.approx(0.02) and s["restarts"] == 1
     assert res.record["loss"] == "xe"
-    with pytest.raises(E.EvaluationError, match="unexpected"):
-        ev.run(E.AttackSpec("pgd", 0.1, params={"stepz": 3}))
+    with pytest.raises(R.EvaluationError, match="unexpected"):
+        ev.run(R.AttackSpec("pgd", 0.1, params={"stepz": 3}))
 
 
 def test_paper_specs_and_attack_names():
-    pgd = E.paper_spec("pgd", 0.3)
+    pgd = R.paper_spec("pgd", 0.3)
     assert (pgd.params["steps"], pgd.params["step_size"], pgd.loss) == (40, 0.01, "xe")
-    assert E.paper_spec("mim", 0.2).params["step_size"] == pytest.approx(0.005)
-    assert E.paper_spec("square", 0.1).loss == "margin"
-    assert E.paper_spec("carlini_wagner_l2", None).loss is None
-    assert E.parse_attack_name("pgd:margin", ATTACKS) == ("pgd", "margin")
-    with pytest.raises(E.EvaluationError, match="known attacks"):
-        E.parse_attack_name("pgdd", ATTACKS)
-    with pytest.raises(E.EvaluationError, match="loss"):
-        E.parse_attack_name("pgd:hinge", ATTACKS)
-    with pytest.raises(E.EvaluationError):
-        E.AttackSpec("pgd", -0.1)
+    assert R.paper_spec("mim", 0.2).params["step_size"] == pytest.approx(0.005)
+    assert R.paper_spec("square", 0.1).loss == "margin"
+    assert R.paper_spec("carlini_wagner_l2", None).loss is None
+    assert R.parse_attack_name("pgd:margin", ATTACKS) == ("pgd", "margin")
+    with pytest.raises(R.EvaluationError, match="known attacks"):
+        R.parse_attack_name("pgdd", ATTACKS)
+    with pytest.raises(R.EvaluationError, match="loss"):
+        R.parse_attack_name("pgd:hinge", ATTACKS)
+    with pytest.raises(R.EvaluationError):
+        R.AttackSpec("pgd", -0.1)
 
 
 def test_best_robust_is_per_example_and_grouped_by_eps():
     def res(mask, eps, label):
         mask = np.asarray(mask, bool)
-        return E.AttackResult(E.AttackSpec("pgd", eps, label=label), mask,
+        return R.AttackResult(R.AttackSpec("pgd", eps, label=label), mask,
                               {"robust_accuracy": float(mask.mean()), "source": "self"})
 
     a = res([1, 1, 0, 0], 0.1, "a")
     b = res([1, 0, 1, 0], 0.1, "b")
     c = res([0, 0, 0, 1], 0.2, "c")
-    groups = {g["eps"]: g for g in E.best_robust([a, b, c, a])}
+    groups = {g["eps"]: g for g in R.best_robust([a, b, c, a])}
     assert groups[0.1]["robust_accuracy"] == 0.25  # only example 0 survives both
     assert groups[0.1]["strongest_single"] == 0.5  # per-example is stronger than either
     assert groups[0.1]["attacks"] == ["a", "b"]  # the duplicate is counted once
@@ -230,7 +230,7 @@ def test_best_robust_is_per_example_and_grouped_by_eps():
 
 # ---------------------------------------------------------------- reports
 def _report(ev, results, verdict="no masking detected"):
-    return E.build_report(run="toy", workdir="/w", command="cmd", model={"name": "toy"},
+    return R.build_report(run="toy", workdir="/w", command="cmd", model={"name": "toy"},
                           data={"dataset": "toy", "split": "test", "n": ev.n,
                                 "selection": "all"},
                           evaluator=ev, results=results, diagnostics=None, verdict=verdict)
@@ -239,7 +239,7 @@ def _report(ev, results, verdict="no masking detected"):
 def test_report_schema_is_stable_and_markdown_ends_with_verdict(tmp_path):
     ev = evaluator()
     report = _report(ev, [ev.run(spec("darken", 0.3))])
-    jpath, mpath = E.write_report(str(tmp_path), report)
+    jpath, mpath = R.write_report(str(tmp_path), report)
     loaded = json.load(open(jpath))
     assert list(loaded) == REPORT_KEYS
     assert loaded["schema_version"] == 2
@@ -253,12 +253,12 @@ def test_report_schema_is_stable_and_markdown_ends_with_verdict(tmp_path):
 def test_failed_render_leaves_existing_results_untouched(tmp_path):
     ev = evaluator()
     good = _report(ev, [ev.run(spec("darken", 0.3))])
-    jpath, mpath = E.write_report(str(tmp_path), good)
+    jpath, mpath = R.write_report(str(tmp_path), good)
     before = (open(jpath).read(), open(mpath).read())
     bad = dict(good)
     del bad["verdict"]
-    with pytest.raises(E.EvaluationError, match="missing"):
-        E.write_report(str(tmp_path), bad)
+    with pytest.raises(R.EvaluationError, match="missing"):
+        R.write_report(str(tmp_path), bad)
     assert (open(jpath).read(), open(mpath).read()) == before
     assert sorted(os.listdir(tmp_path)) == ["robustness.json", "robustness.md"]  # no temp files
 
@@ -358,6 +358,12 @@ def test_cli_end_to_end_on_a_trained_checkpoint(tiny_run, tmp_path, capsys):
     assert f"Verdict (digits_lenet5_xe): {verdict}" in stdout
     md = (out / "robustness.md").read_text().strip().splitlines()
     assert md[-1] == f"**Verdict (digits_lenet5_xe): {verdict}**"
+    # Every table row has its header's columns (the diagnostics' attacks included).
+    assert "Diagnostic attacks:" in md
+    header = None
+    for line in md:
+        header = (header or line.count("|")) if line.startswith("|") else None
+        assert header is None or line.count("|") == header, line
     assert not [f for f in os.listdir(out) if f.startswith(".")]
 
 
@@ -377,24 +383,23 @@ def test_evaluation_is_independent_of_batch_size_and_device_count():
     # so splitting each batch across devices must not change which examples
     # survive; nor may the batch size (the draws are keyed by example index).
     from gce_jax import parallel
-    from gce_jax.attacks import inference_logits_fn
-    from gce_jax.models import get_model
+    from gce_jax.models import get_model, logits_fn
 
     model = get_model("lenet5", num_classes=10, dataset="mnist")
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-    fn = inference_logits_fn(model, variables)
+    fn = logits_fn(model, variables)
     x = np.random.default_rng(0).random((30, 28, 28, 1)).astype(np.float32)
     y = np.asarray(jnp.argmax(fn(jnp.asarray(x)), -1)).astype(np.int32)
     y[::3] = (y[::3] + 1) % 10  # some clean errors
-    specs = [E.AttackSpec("fgsm", 0.02), E.AttackSpec("pgd", 0.02, params={"steps": 4}),
-             E.AttackSpec("apgd", 0.02, params={"steps": 4}),
-             E.AttackSpec("square", 0.02, loss="margin", params={"n_queries": 8}),
-             E.AttackSpec("carlini_wagner_l2", None, loss=None,
+    specs = [R.AttackSpec("fgsm", 0.02), R.AttackSpec("pgd", 0.02, params={"steps": 4}),
+             R.AttackSpec("apgd", 0.02, params={"steps": 4}),
+             R.AttackSpec("square", 0.02, loss="margin", params={"n_queries": 8}),
+             R.AttackSpec("carlini_wagner_l2", None, loss=None,
                           params={"binary_steps": 2, "steps": 5})]  # targets drawn
     mesh = parallel.make_mesh(jax.devices()[:4])
-    one = E.Evaluator(fn, x, y, batch_size=30, progress=False)
-    small = E.Evaluator(fn, x, y, batch_size=7, progress=False)  # 30 = 4*7 + 2: padded
-    four = E.Evaluator(fn, x, y, batch_size=18, progress=False, mesh=mesh)
+    one = R.Evaluator(fn, x, y, batch_size=30, progress=False)
+    small = R.Evaluator(fn, x, y, batch_size=7, progress=False)  # 30 = 4*7 + 2: padded
+    four = R.Evaluator(fn, x, y, batch_size=18, progress=False, mesh=mesh)
     assert four.batch_size == 20  # rounded up to a multiple of the devices
     np.testing.assert_array_equal(four.clean_correct, one.clean_correct)
     for s in specs:

@@ -33,6 +33,7 @@ import pytest
 from gce_jax import attacks
 from gce_jax.data import load_split
 from gce_jax.losses import cross_entropy, guided_complement_entropy
+from gce_jax.models import logits_fn
 from gce_jax.models.common import normalize_for
 from gce_jax.models.lenet import LeNet5
 from gce_jax.models.resnet import CifarResNet
@@ -186,7 +187,7 @@ def test_input_and_parameter_gradients_equal(trained, loss):
 def test_fgsm_images_equal(trained, loss):
     path, variables, x, y = trained
     eps = 0.1
-    advs = [attacks.fgsm(attacks.inference_logits_fn(m, variables), x, y, eps=eps, loss=loss)
+    advs = [attacks.fgsm(logits_fn(m, variables), x, y, eps=eps, loss=loss)
             for m in (path.native, path.fast)]
     _, gx = _grads(path.native, variables, x, y, loss, train=False)
     # Pixels whose gradient is rounding noise may flip sign on either path.

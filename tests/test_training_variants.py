@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from gce_jax import data, losses, parallel, train
-from gce_jax.attacks import inference_logits_fn, pgd
+from gce_jax.attacks import pgd
+from gce_jax.models import logits_fn
 from test_parallel import (B, assert_trees_close, config_for, make_models, max_abs_diff,
                            plain_update, random_batch, run_step)
 from test_train import DATA, one_device, tiny_config
@@ -112,7 +113,7 @@ def test_adversarial_step_attacks_in_inference_mode_and_matches_on_four_devices(
     x_adv = np.asarray(jax.jit(lambda v, x, y: train.adversarial_inputs(
         model, v, x, y, key=jax.random.PRNGKey(0), adv=config.training.adversarial))(
             s0.variables, batch["image"], batch["label"]))
-    ref = pgd(inference_logits_fn(model, s0.variables), batch["image"], batch["label"],
+    ref = pgd(logits_fn(model, s0.variables), batch["image"], batch["label"],
               key=jax.random.PRNGKey(0), eps=0.1, steps=3, step_size=0.05, random_start=False)
     np.testing.assert_allclose(x_adv, np.asarray(ref), atol=1e-6)
     assert 0.05 < np.max(np.abs(x_adv - batch["image"])) <= 0.1 + 1e-6
@@ -242,7 +243,7 @@ def test_adversarial_training_raises_pgd_accuracy(tmp_path):
                                           mesh=one_device())
         model, variables, _ = train.load_for_eval(wd)
         x, y = te.images.astype(np.float32) / 255, te.labels
-        x_adv = pgd(inference_logits_fn(model, variables), x, y, key=jax.random.PRNGKey(1),
+        x_adv = pgd(logits_fn(model, variables), x, y, key=jax.random.PRNGKey(1),
                     eps=eps, steps=10, step_size=eps / 4)
         robust = float(np.mean(np.argmax(model.apply(variables, x_adv), -1) == y))
         return result["test_acc"], robust
@@ -362,7 +363,7 @@ def test_adversarial_objective_comes_from_the_attacks_registry():
     b = random_batch((28, 28, 1), seed=7)
     out = train.adversarial_inputs(model, s0.variables, b["image"], b["label"],
                                    key=jax.random.PRNGKey(0), adv=config.training.adversarial)
-    ref = pgd(inference_logits_fn(model, s0.variables), b["image"], b["label"],
+    ref = pgd(logits_fn(model, s0.variables), b["image"], b["label"],
               key=jax.random.PRNGKey(0), eps=0.1, steps=3, step_size=0.05,
               random_start=False, loss="margin")
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)

@@ -5,7 +5,7 @@ Every attack has the signature ::
     attack(logits_fn, x, y, *, key, eps, ..., loss='xe') -> x_adv
 
 * ``logits_fn(x) -> logits``: the model in inference mode. Prefer
-  ``inference_logits_fn(model, variables)`` (a ``jax.tree_util.Partial``): the
+  ``gce_jax.models.logits_fn(model, variables)`` (a ``jax.tree_util.Partial``): the
   compiled attack is then reused across weights. A plain callable also works;
   the compiled attack is cached per function *object*, so reuse the closure
   (see ``gce_jax.attacks._common`` for the design).
@@ -15,6 +15,9 @@ Every attack has the signature ::
 * ``loss``: the objective maximised, from ``objectives.OBJECTIVES``
   (``xe | margin | dlr | gce``). JSMA (Jacobian of the logits) and C&W (its own
   margin) have fixed objectives; ``attack_spec`` records them.
+* Defaults: the paper's settings (AutoAttack's for APGD, FAB, Square), one
+  table in :mod:`gce_jax.attacks.defaults` that the evaluator and the
+  diagnostics read too.
 
 Attacks: ``fgsm, bim, pgd, mim, pgd_l2, jsma, carlini_wagner_l2, apgd``
 (APGD-T with ``targeted=True``), ``fab`` (FAB / FAB-T), ``square``, and the
@@ -27,11 +30,13 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from gce_jax.attacks._common import draw_targets, inference_logits_fn
+from gce_jax.attacks._common import draw_targets
 from gce_jax.attacks.apgd import apgd, apgd_checkpoints, resolved_loss
 from gce_jax.attacks.autoattack import (CLEAN_MISCLASSIFIED, ROBUST, AutoAttackResult,
                                         autoattack, autoattack_components)
 from gce_jax.attacks.cw import carlini_wagner_l2
+from gce_jax.attacks.defaults import (ATTACK_DEFAULTS, STEP_SCALE, default_settings,
+                                      derived_step_size)
 from gce_jax.attacks.fab import fab
 from gce_jax.attacks.gradient import bim, fgsm, mim, pgd, pgd_l2
 from gce_jax.attacks.jsma import jsma
@@ -63,8 +68,6 @@ FIXED_OBJECTIVES: dict[str, str] = {
     "jsma": "logit_jacobian_saliency", "carlini_wagner_l2": "cw_margin",
     "fab": "linearised_boundary",
     "autoattack": "apgd-ce:xe, apgd-t:dlr_targeted, fab-t:linearised_boundary, square:margin"}
-# Defaults computed from other arguments (documented in each attack).
-_DERIVED_STEP = {"bim": 1.0, "mim": 1.0, "pgd_l2": 2.5}
 _NOT_RECORDED = ("logits_fn", "x", "y", "key", "targets", "batch_chunk")
 
 
@@ -74,7 +77,8 @@ def attack_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     For the evaluator to record next to each number: every keyword with its
     default filled in (derived defaults such as ``step_size = eps / steps``
     resolved when ``eps`` is given), ``norm`` and ``loss`` (the fixed objective
-    for JSMA / C&W). Unknown keywords raise ``TypeError``, like the call would.
+    for JSMA / C&W). Unknown keywords raise ``TypeError``, like the call would;
+    a derived step size with ``steps=0`` raises ``ValueError``.
     """
     try:
         fn = ATTACKS[name]
@@ -87,8 +91,9 @@ def attack_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"{name}() got unexpected keyword(s) {sorted(unknown)}")
     params.update({k: v for k, v in kwargs.items() if k in params})
-    if name in _DERIVED_STEP and params.get("step_size") is None and params.get("eps") is not None:
-        params["step_size"] = _DERIVED_STEP[name] * float(params["eps"]) / params["steps"]
+    if name in STEP_SCALE and params.get("step_size") is None and params.get("eps") is not None:
+        params["step_size"] = derived_step_size(STEP_SCALE[name], float(params["eps"]),
+                                                params["steps"])
     spec = {"attack": name, "norm": ATTACK_NORMS[name]}
     spec["loss"] = params.pop("loss", FIXED_OBJECTIVES.get(name))
     if name == "apgd" and spec["loss"] is None:
@@ -99,9 +104,9 @@ def attack_spec(name: str, **kwargs: Any) -> dict[str, Any]:
     return spec
 
 
-__all__ = ["ATTACKS", "ATTACK_NORMS", "CLEAN_MISCLASSIFIED", "FIXED_OBJECTIVES", "OBJECTIVES",
-           "ROBUST", "AutoAttackResult",
+__all__ = ["ATTACKS", "ATTACK_DEFAULTS", "ATTACK_NORMS", "CLEAN_MISCLASSIFIED",
+           "FIXED_OBJECTIVES", "OBJECTIVES", "ROBUST", "STEP_SCALE", "AutoAttackResult",
            "attack_spec", "apgd", "apgd_checkpoints", "autoattack", "autoattack_components",
-           "bim", "carlini_wagner_l2", "draw_targets", "fab", "fgsm", "get_objective",
-           "inference_logits_fn", "jsma", "mim", "pgd", "pgd_l2", "square",
+           "bim", "carlini_wagner_l2", "default_settings", "derived_step_size", "draw_targets",
+           "fab", "fgsm", "get_objective", "jsma", "mim", "pgd", "pgd_l2", "square",
            "targeted_objective"]

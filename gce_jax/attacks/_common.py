@@ -12,7 +12,7 @@ it as an ordinary (non-static) argument:
 * a plain callable ``f`` becomes ``Partial(f)``: the cache is keyed on ``f``
   itself, so calling an attack again with the *same* function object reuses the
   compiled code (a fresh ``lambda`` per call recompiles -- keep the closure);
-* :func:`inference_logits_fn` (= ``gce_jax.models.logits_fn``) builds
+* ``gce_jax.models.logits_fn(model, variables)`` builds
   ``Partial(_InferenceApply(model), variables)``:
   the function part compares equal for equal modules and the variables are
   traced leaves, so new weights (every step of adversarial training, or a new
@@ -72,15 +72,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from gce_jax.models import logits_fn as models_logits_fn
-
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
-
-
-# The model closure lives with the models; attacks re-export it under the name
-# their docs use.
-inference_logits_fn = models_logits_fn
 
 
 def as_partial(logits_fn: LogitsFn) -> Partial:
@@ -287,3 +280,26 @@ def finish(x_adv: Array, x: Array) -> Array:
         away = jnp.abs(out.astype(x_adv.dtype) - wide) > jnp.abs(x_adv - wide)
         out = jnp.where(away, jnp.nextafter(out, x), out)
     return jax.lax.stop_gradient(out)
+
+
+def uniform_start(keys: Array, x: Array, eps: Array, norm: str) -> Array:
+    """A point uniform in the eps-ball (``norm``: linf | l2) around each example, clipped to [0,1].
+
+    ``keys``: one PRNG key per example (:func:`example_keys`). The random start
+    of PGD, L2 PGD and APGD.
+    """
+    shape = x.shape[1:]
+    if norm == "linf":
+        u = jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0))(keys)
+        return jnp.clip(x + eps * u, 0.0, 1.0)
+    # Uniform in the L2 ball: isotropic direction, radius eps * U^(1/d).
+    d = x[0].size
+
+    def sample(k):
+        k_dir, k_rad = jax.random.split(k)
+        v = jax.random.normal(k_dir, shape, x.dtype)
+        v = v / jnp.maximum(jnp.linalg.norm(v.ravel()), 1e-12)
+        return v * jax.random.uniform(k_rad, (), x.dtype) ** (1.0 / d)
+
+    delta = jax.vmap(sample)(keys) * eps
+    return jnp.clip(x + delta, 0.0, 1.0)

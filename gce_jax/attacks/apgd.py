@@ -48,8 +48,7 @@ import numpy as np
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, budget, check_inputs,
                                      example_keys, finish, linf_project, num_classes,
-                                     run_chunked, working_precision)
-from gce_jax.attacks.gradient import _random_start
+                                     run_chunked, uniform_start, working_precision)
 from gce_jax.attacks.objectives import (N_TARGET_CLASSES, get_objective, n_target_count,
                                         target_matrix,
                                         targeted_objective, top_other_classes)
@@ -116,7 +115,7 @@ def _apgd_core(fn: LogitsFn, x: Array, y: Array, keys: Array, targets: Array | N
         t = (None if targets is None
              else jax.lax.dynamic_index_in_dim(targets, q // n_restarts, 1, keepdims=False))
         rkeys = jax.vmap(lambda k: jax.random.fold_in(k, q))(keys)
-        x0 = _random_start(rkeys, x, eps, "linf")
+        x0 = uniform_start(rkeys, x, eps, "linf")
         f0, g0, fooled0 = f_and_grad(x0, t)
         fooled0 = fooled0 & open_
         adv = where_b(fooled0, x0, adv)

@@ -27,27 +27,12 @@ import jax.numpy as jnp
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, budget, check_inputs,
                                      example_keys, finish, l2_project, linf_project,
-                                     per_example_sum, run_chunked, working_precision)
+                                     per_example_sum, run_chunked, uniform_start,
+                                     working_precision)
+from gce_jax.attacks.defaults import ATTACK_DEFAULTS, STEP_SCALE, derived_step_size
 from gce_jax.attacks.objectives import signed_objective
 
-
-def _random_start(keys: Array, x: Array, eps: Array, norm: str) -> Array:
-    """A point uniform in the eps-ball around each example, clipped to [0,1]."""
-    shape = x.shape[1:]
-    if norm == "linf":
-        u = jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0))(keys)
-        return jnp.clip(x + eps * u, 0.0, 1.0)
-    # Uniform in the L2 ball: isotropic direction, radius eps * U^(1/d).
-    d = x[0].size
-
-    def sample(k):
-        k_dir, k_rad = jax.random.split(k)
-        v = jax.random.normal(k_dir, shape, x.dtype)
-        v = v / jnp.maximum(jnp.linalg.norm(v.ravel()), 1e-12)
-        return v * jax.random.uniform(k_rad, (), x.dtype) ** (1.0 / d)
-
-    delta = jax.vmap(sample)(keys) * eps
-    return jnp.clip(x + delta, 0.0, 1.0)
+_BIM, _PGD, _MIM, _PGD_L2 = (ATTACK_DEFAULTS[a] for a in ("bim", "pgd", "mim", "pgd_l2"))
 
 
 def _iterative_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
@@ -88,7 +73,7 @@ def _iterative_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
             x_new = jnp.where(keep, x_adv, x_new)
         return x_new, m
 
-    x_init = _random_start(keys, x, eps, norm) if random_start else x
+    x_init = uniform_start(keys, x, eps, norm) if random_start else x
     x_adv, _ = jax.lax.fori_loop(0, steps, body, (x_init, jnp.zeros_like(x)))
     return x_adv
 
@@ -124,10 +109,11 @@ def _iterative(logits_fn: LogitsFn, x: Any, y: Any, key: Array | None, *, eps: f
     """
     fn = as_partial(logits_fn)
     x, y = check_inputs(x, y, logits_fn=fn, eps=eps, step_size=step_size)
-    if step_size is None:
-        step_size = step_scale * eps / max(steps, 1)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if step_size is None:
+        # steps=0 is a valid call (PGD: the random start only) that never steps.
+        step_size = derived_step_size(step_scale, eps, steps) if steps else 0.0
     if key is None:
         if random_start:
             raise ValueError("a random start needs an explicit PRNG key")
@@ -150,7 +136,7 @@ def fgsm(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     .. math:: x^* = \mathrm{clip}_{[0,1]}(x + \epsilon\,\mathrm{sign}(\nabla_x L(x, y)))
 
     Args:
-        logits_fn: ``x -> logits`` in inference mode (see ``inference_logits_fn``).
+        logits_fn: ``x -> logits`` in inference mode (see ``gce_jax.models.logits_fn``).
         x: ``[B, ...]`` inputs in [0, 1].
         y: ``[B]`` integer labels (the target labels when ``targeted``).
         key: unused (deterministic); accepted for a uniform attack signature.
@@ -167,7 +153,7 @@ def fgsm(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
 
 
 def bim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
-        eps: float, steps: int = 10, step_size: float | None = None,
+        eps: float, steps: int = _BIM["steps"], step_size: float | None = None,
         loss: str = "xe", targeted: bool = False, early_stop: bool = False,
         batch_chunk: int | None = None) -> Array:
     r"""Basic Iterative Method (Kurakin et al. 2017), paper Eq. (5).
@@ -181,12 +167,13 @@ def bim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     :func:`fgsm`.
     """
     return _iterative(logits_fn, x, y, key, eps=eps, step_size=step_size,
-                      steps=steps, loss=loss, targeted=targeted,
+                      step_scale=STEP_SCALE["bim"], steps=steps, loss=loss, targeted=targeted,
                       early_stop=early_stop, batch_chunk=batch_chunk)
 
 
 def pgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
-        steps: int = 40, step_size: float = 0.01, random_start: bool = True,
+        steps: int = _PGD["steps"], step_size: float = _PGD["step_size"],
+        random_start: bool = _PGD["random_start"],
         loss: str = "xe", targeted: bool = False, early_stop: bool = False,
         batch_chunk: int | None = None, example_offset: Any = 0) -> Array:
     r"""L_inf Projected Gradient Descent (Madry et al. 2018): BIM from a random start.
@@ -208,7 +195,7 @@ def pgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
 
 
 def mim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
-        eps: float, steps: int = 40, decay: float = 1.0,
+        eps: float, steps: int = _MIM["steps"], decay: float = _MIM["decay"],
         step_size: float | None = None, loss: str = "xe", targeted: bool = False,
         early_stop: bool = False, batch_chunk: int | None = None) -> Array:
     r"""Momentum Iterative Method (Dong et al. 2018), paper Eqs. (6)-(7).
@@ -222,12 +209,13 @@ def mim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     (mu) 1.0, step ``eps / steps``, start at ``x``.
     """
     return _iterative(logits_fn, x, y, key, eps=eps, step_size=step_size,
-                      steps=steps, momentum=decay, loss=loss, targeted=targeted,
+                      step_scale=STEP_SCALE["mim"], steps=steps, momentum=decay, loss=loss,
+                      targeted=targeted,
                       early_stop=early_stop, batch_chunk=batch_chunk)
 
 
 def pgd_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
-           steps: int = 40, step_size: float | None = None,
+           steps: int = _PGD_L2["steps"], step_size: float | None = None,
            random_start: bool = True, loss: str = "xe", targeted: bool = False,
            early_stop: bool = False, batch_chunk: int | None = None,
            example_offset: Any = 0) -> Array:
@@ -241,6 +229,7 @@ def pgd_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
     ``example_offset`` as in :func:`pgd`.
     """
     return _iterative(logits_fn, x, y, key, eps=eps, step_size=step_size,
-                      step_scale=2.5, steps=steps, norm="l2", random_start=random_start, loss=loss,
+                      step_scale=STEP_SCALE["pgd_l2"], steps=steps, norm="l2",
+                      random_start=random_start, loss=loss,
                       targeted=targeted, early_stop=early_stop,
                       batch_chunk=batch_chunk, example_offset=example_offset)

@@ -23,6 +23,11 @@ Every comparison is *paired* (same examples), and an excess counts only if it
 is both larger than the check's tolerance and statistically clear under a
 sign test on the discordant examples, so a 200-example smoke test does not
 flag noise while a saturated model still fails by a wide margin.
+
+Each check is a small function returning its :class:`Check` (verdict and
+evidence); :func:`run_diagnostics` runs the attacks they need, one step per
+check (:data:`CHECK_STEPS`). Imports :mod:`~gce_jax.robustness.specs` and
+:mod:`~gce_jax.robustness.evaluator` from this package, never the report.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from gce_jax.evaluation import (AttackResult, AttackSpec, Evaluator, _batches, _pad,
-                                best_robust, paper_spec)
+from gce_jax.attacks.defaults import ATTACK_DEFAULTS, MADRY_STEP_SCALE, derived_step_size
+from gce_jax.data import batch_slices, pad_to
 from gce_jax.losses import cross_entropy
+from gce_jax.robustness.evaluator import AttackResult, Evaluator, best_robust
+from gce_jax.robustness.specs import AttackSpec, paper_spec
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -57,7 +64,7 @@ ZERO_ACC_MAX = 0.01
 # The curve is extended (doubling eps) up to this budget; images live in [0,1].
 CURVE_MAX_EPS = 1.0
 # Madry et al.'s step rule for the curve, so large budgets are actually covered.
-CURVE_STEP_FACTOR = 2.5
+CURVE_STEP_FACTOR = MADRY_STEP_SCALE
 # PGD may be at most 1 pp weaker than BIM, and BIM than FGSM.
 ITERATIVE_TOL = 0.01
 # "Much weaker": xe-PGD more than 5 pp above the best margin/DLR/APGD attack.
@@ -92,7 +99,8 @@ CHECK_NAMES = ("curve_monotone", "curve_reaches_zero", "iterative_vs_single_step
                "attack_budget")
 # AutoAttack standard's components and its budgets (iterations, Square queries).
 AUTOATTACK_COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
-AUTOATTACK_STEPS, AUTOATTACK_QUERIES = 100, 5000
+AUTOATTACK_STEPS = ATTACK_DEFAULTS["autoattack"]["steps"]
+AUTOATTACK_QUERIES = ATTACK_DEFAULTS["autoattack"]["n_queries"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,19 +125,20 @@ class DiagnosticsConfig:
 
     eps: float | None = None
     eps_grid: tuple[float, ...] = (0.1, 0.2, 0.3)
-    pgd_steps: int = 40
-    pgd_step_size: float | None = 0.01
-    bim_steps: int = 10
-    apgd_steps: int = 100
-    square_queries: int = 5000
+    pgd_steps: int = ATTACK_DEFAULTS["pgd"]["steps"]
+    pgd_step_size: float | None = ATTACK_DEFAULTS["pgd"]["step_size"]
+    bim_steps: int = ATTACK_DEFAULTS["bim"]["steps"]
+    apgd_steps: int = ATTACK_DEFAULTS["apgd"]["steps"]
+    square_queries: int = ATTACK_DEFAULTS["square"]["n_queries"]
     restarts: int = 5
     curve_max_eps: float = CURVE_MAX_EPS
     model_loss: str | None = None
     autoattack: bool = True
 
     def pgd_step(self, eps: float) -> float:
+        """The headline PGD's step size at ``eps``."""
         if self.pgd_step_size is None:
-            return CURVE_STEP_FACTOR * eps / self.pgd_steps
+            return derived_step_size(CURVE_STEP_FACTOR, eps, self.pgd_steps)
         return self.pgd_step_size
 
 
@@ -199,13 +208,14 @@ def zero_gradient_mask(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
     exact = np.empty(len(x), bool)
     compiled = np.empty(len(x), bool)
     bs = min(batch_size, len(x))
-    for s, e in _batches(len(x), bs):
-        xb = _pad(np.asarray(x[s:e], np.float32), bs)
-        yb = _pad(np.asarray(y[s:e], np.int32), bs)
-        c = np.asarray(compiled_fn(fn, xb, yb))[: e - s]
+    for s in batch_slices(len(x), bs):
+        m = s.stop - s.start
+        xb = pad_to(np.asarray(x[s], np.float32), bs)
+        yb = pad_to(np.asarray(y[s], np.int32), bs)
+        c = np.asarray(compiled_fn(fn, xb, yb))[:m]
         gz = np.asarray(logit_grad(jnp.asarray(logits_jit(fn, xb), jnp.float32), jnp.asarray(yb)))
-        compiled[s:e] = c
-        exact[s:e] = np.all(gz[: e - s] == 0, axis=-1) | c
+        compiled[s] = c
+        exact[s] = np.all(gz[:m] == 0, axis=-1) | c
     return exact, compiled
 
 
@@ -457,11 +467,70 @@ def check_autoattack(results: Sequence[AttackResult], eps: float) -> Check:
     return Check("autoattack_standard", PASS, msg, vals)
 
 
+def _skipped_curve(why: str) -> list[Check]:
+    return [Check("curve_monotone", SKIPPED, why), Check("curve_reaches_zero", SKIPPED, why)]
+
+
+def _user_grid(config: DiagnosticsConfig) -> list[float]:
+    return sorted({float(e) for e in config.eps_grid if e > 0})
+
+
+def select_eps(config: DiagnosticsConfig, curve_eps: Sequence[float],
+               curve_masks: Sequence[np.ndarray], clean_accuracy: float) -> tuple[float, str]:
+    """The L_inf budget of checks 2-6 and how it was chosen.
+
+    ``config.eps`` if given; else the grid eps whose curve accuracy is nearest
+    half the clean accuracy (:func:`choose_eps`); else, without a curve, the
+    largest grid eps.
+    """
+    if config.eps is not None:
+        return float(config.eps), "given"
+    user_grid = _user_grid(config)
+    on_grid = [(e, float(m.mean())) for e, m in zip(curve_eps, curve_masks) if e in user_grid]
+    if on_grid:
+        eps = choose_eps([e for e, _ in on_grid], [a for _, a in on_grid], clean_accuracy)
+        return eps, "grid eps with curve accuracy nearest half the clean accuracy"
+    return (max(user_grid, default=config.curve_max_eps / 8),
+            "largest grid eps (curve unavailable)")
+
+
+def check_attack_budget(config: DiagnosticsConfig, eps: float) -> Check:
+    """(info) Can the headline PGD travel to the boundary of the ball?
+
+    A PGD that cannot fails checks 2, 3 and 6 because of its budget, not the
+    model; :func:`verdict` says so next to a masking verdict.
+    """
+    step = config.pgd_step(eps)
+    reach = config.pgd_steps * step
+    short = reach < eps * (1 - 1e-6)
+    return Check(
+        "attack_budget", INFO,
+        f"PGD steps x step size = {config.pgd_steps} x {step:g} = {reach:g}"
+        + (f" < eps {eps:g}: the headline PGD cannot reach the boundary of the ball"
+           if short else f" >= eps {eps:g}"),
+        {"steps": config.pgd_steps, "step_size": step, "eps": eps,
+         "reaches_boundary": not short}, required=False)
+
+
+def check_worst_case(results: Sequence[AttackResult], eps: float) -> Check:
+    """Check 8 (info): per-example worst case over ``results`` (all at ``eps``)."""
+    groups = best_robust(results)
+    if not groups:
+        return Check("worst_case", SKIPPED, "no attack ran", required=False)
+    worst = groups[0]
+    return Check(
+        "worst_case", INFO,
+        f"{worst['robust_accuracy']:.2%} robust to all {len(worst['attacks'])} attacks at "
+        f"eps={eps:g} (strongest single attack: {worst['strongest_single']:.2%})",
+        dict(worst), required=False)
+
+
 def verdict(checks: Sequence[Check], *, num_clean_correct: int) -> str:
     """One line: no masking detected | gradient masking suspected: ... | inconclusive: ...
 
     "no masking detected" needs every required check to pass, the
-    AutoAttack check included.
+    AutoAttack check included. A masking verdict notes a PGD budget that
+    cannot reach the boundary of the ball (an ``attack_budget`` check).
     """
     failed = [c.name for c in checks if c.status == FAIL]
     if num_clean_correct < MIN_CORRECT_EXAMPLES:
@@ -469,7 +538,10 @@ def verdict(checks: Sequence[Check], *, num_clean_correct: int) -> str:
                f"examples (< {MIN_CORRECT_EXAMPLES})")
         return msg + (f"; failed: {', '.join(failed)}" if failed else "")
     if failed:
-        return f"{VERDICT_MASKING}: {', '.join(failed)}"
+        short = any(c.name == "attack_budget" and not c.values.get("reaches_boundary", True)
+                    for c in checks)
+        return f"{VERDICT_MASKING}: {', '.join(failed)}" + (
+            " (note: PGD steps x step size < eps; see attack_budget)" if short else "")
     skipped = [c for c in checks if c.status == SKIPPED and c.required]
     if skipped:
         parts = []
@@ -523,11 +595,169 @@ class Diagnostics:
         }
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the check steps of one :func:`run_diagnostics` call share."""
+
+    ev: Evaluator
+    config: DiagnosticsConfig
+    reference: tuple[LogitsFn, str] | None
+    extra_results: Sequence[AttackResult]
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    results: list[AttackResult] = dataclasses.field(default_factory=list)
+    zero_masks: tuple[np.ndarray, np.ndarray] | None = None
+    curve_eps: list[float] = dataclasses.field(default_factory=list)
+    curve_masks: list[np.ndarray] = dataclasses.field(default_factory=list)
+    eps: float = math.nan
+    eps_choice: str = ""
+    # White-box results at ``eps`` by name, in the order they ran (None: it raised).
+    white: dict[str, AttackResult | None] = dataclasses.field(default_factory=dict)
+
+    def attempt(self, spec: AttackSpec, **kw: Any) -> AttackResult | None:
+        """``ev.run(spec)``; an attack that raises is recorded in ``errors``."""
+        name = spec.label + (f"@{kw['source']}" if kw.get("source") else "")
+        try:
+            res = self.ev.run(spec, **kw)
+        except Exception as e:  # noqa: BLE001 -- reported, and the verdict says so
+            self.errors[name] = f"{type(e).__name__}: {e}"
+            return None
+        self.results.append(res)
+        return res
+
+    def pgd(self, loss: str = "xe", **kw: Any) -> AttackSpec:
+        """The headline PGD at the diagnostics eps (``kw`` overrides settings)."""
+        kw = {"steps": self.config.pgd_steps, "step_size": self.config.pgd_step(self.eps), **kw}
+        return paper_spec("pgd", self.eps, loss=loss, **kw)
+
+    def same_eps(self) -> list[AttackResult]:
+        return [r for r in [*self.results, *self.extra_results]
+                if r.spec.norm == "linf" and r.spec.eps == self.eps]
+
+
+def _zero_gradient_step(run: _Run) -> list[Check]:
+    # Runs first (cheap, and explains most of what follows); reported as check 7.
+    ev = run.ev
+    try:
+        run.zero_masks = zero_gradient_mask(ev.logits_fn, ev.x, ev.y, batch_size=ev.batch_size)
+    except Exception as e:  # noqa: BLE001
+        run.errors["zero_gradients"] = f"{type(e).__name__}: {e}"
+    return []
+
+
+def _curve_step(run: _Run) -> list[Check]:
+    """Check 1: accuracy vs eps, PGD-xe with the step scaled to eps."""
+    cfg = run.config
+    run.curve_eps, run.curve_masks = [0.0], [run.ev.clean_correct]
+    top = max(_user_grid(cfg), default=0.0)
+    for e in extend_eps_grid(cfg.eps_grid, cfg.curve_max_eps):
+        # Past the user's grid, extend only while accuracy is above zero.
+        if e > top and float(run.curve_masks[-1].mean()) <= ZERO_ACC_MAX:
+            break
+        r = run.attempt(paper_spec(
+            "pgd", e, loss="xe", steps=cfg.pgd_steps, label="pgd-xe (curve)",
+            step_size=derived_step_size(CURVE_STEP_FACTOR, e, cfg.pgd_steps)))
+        if r is None:
+            break
+        run.curve_eps.append(e)
+        run.curve_masks.append(r.robust)
+    if len(run.curve_eps) == 1:
+        return _skipped_curve("PGD did not run")
+    return check_curve(run.curve_eps, run.curve_masks, cfg.curve_max_eps)
+
+
+def _eps_step(run: _Run) -> list[Check]:
+    run.eps, run.eps_choice = select_eps(run.config, run.curve_eps, run.curve_masks,
+                                         run.ev.clean_accuracy)
+    return []
+
+
+def _iterative_step(run: _Run) -> list[Check]:
+    """Check 2 at eps: PGD, FGSM and BIM (the paper's eps / steps step)."""
+    run.white["pgd-xe"] = run.attempt(run.pgd("xe"))
+    run.white["fgsm-xe"] = run.attempt(paper_spec("fgsm", run.eps, loss="xe"))
+    run.white["bim-xe"] = run.attempt(paper_spec("bim", run.eps, loss="xe",
+                                                 steps=run.config.bim_steps))
+    w = run.white
+    return [check_iterative(w["pgd-xe"], w["bim-xe"], w["fgsm-xe"])]
+
+
+def _loss_sensitivity_step(run: _Run) -> list[Check]:
+    """Check 3: margin / DLR PGD and APGD-CE / APGD-DLR against xe-PGD."""
+    apgd = {"steps": run.config.apgd_steps}
+    others = {
+        "pgd-margin": run.attempt(run.pgd("margin")),
+        "pgd-dlr": run.attempt(run.pgd("dlr")),
+        "apgd-ce": run.attempt(paper_spec("apgd", run.eps, loss="xe", label="apgd-ce", **apgd)),
+        "apgd-dlr": run.attempt(paper_spec("apgd", run.eps, loss="dlr", label="apgd-dlr",
+                                           **apgd)),
+    }
+    run.white.update(others)
+    info = {}
+    if run.config.model_loss == "gce":
+        info["pgd-gce"] = run.attempt(run.pgd("gce"))
+    return [check_loss_sensitivity(run.white["pgd-xe"], others, info)]
+
+
+def _black_box_step(run: _Run) -> list[Check]:
+    square = run.attempt(paper_spec("square", run.eps, n_queries=run.config.square_queries))
+    return [check_black_box(square, run.white)]
+
+
+def _transfer_step(run: _Run) -> list[Check]:
+    transfer, name = None, None
+    if run.reference is not None:
+        fn, name = run.reference
+        transfer = run.attempt(run.pgd("xe"), source_logits_fn=fn, source=name)
+    return [check_transfer(transfer, run.white["pgd-xe"], reference=name)]
+
+
+def _convergence_step(run: _Run) -> list[Check]:
+    cfg = run.config
+    doubled = run.attempt(run.pgd("xe", steps=2 * cfg.pgd_steps, label="pgd-xe (2x steps)"))
+    restarted = run.attempt(run.pgd("xe", restarts=cfg.restarts,
+                                    label=f"pgd-xe ({cfg.restarts} restarts)"))
+    return [check_convergence(run.white["pgd-xe"], doubled, restarted)]
+
+
+def _zero_gradient_check_step(run: _Run) -> list[Check]:
+    return [check_zero_gradients(run.zero_masks, run.ev.clean_correct)]
+
+
+def _autoattack_run_step(run: _Run) -> list[Check]:
+    # Runs before checks 8 and 9, whose worst case it joins.
+    if run.config.autoattack:
+        aa = run.attempt(paper_spec("autoattack", run.eps, steps=run.config.apgd_steps,
+                                    n_queries=run.config.square_queries))
+        if aa is not None:
+            run.results.extend(aa.components)
+    return []
+
+
+def _worst_case_step(run: _Run) -> list[Check]:
+    return [check_worst_case(run.same_eps(), run.eps)]
+
+
+def _autoattack_check_step(run: _Run) -> list[Check]:
+    return [check_autoattack(run.same_eps(), run.eps)]
+
+
+def _attack_budget_step(run: _Run) -> list[Check]:
+    return [check_attack_budget(run.config, run.eps)]
+
+
+# The checks in report order; each step runs the attacks its check needs
+# (some only prepare state for later ones: zero-gradient masks, eps, AutoAttack).
+CHECK_STEPS: tuple[Callable[[_Run], list[Check]], ...] = (
+    _zero_gradient_step, _curve_step, _eps_step, _iterative_step, _loss_sensitivity_step,
+    _black_box_step, _transfer_step, _convergence_step, _zero_gradient_check_step,
+    _autoattack_run_step, _worst_case_step, _autoattack_check_step, _attack_budget_step)
+
+
 def run_diagnostics(ev: Evaluator, config: DiagnosticsConfig = DiagnosticsConfig(), *,
                     reference_logits_fn: LogitsFn | None = None,
                     reference_name: str | None = None,
                     extra_results: Sequence[AttackResult] = ()) -> Diagnostics:
-    """Runs checks 1-8 on ``ev``'s model and returns them with the verdict.
+    """Runs checks 1-9 on ``ev``'s model and returns them with the verdict.
 
     An attack that raises is recorded in ``errors`` and its checks are
     skipped (which makes the verdict inconclusive unless another check fails).
@@ -535,167 +765,26 @@ def run_diagnostics(ev: Evaluator, config: DiagnosticsConfig = DiagnosticsConfig
     """
     if reference_logits_fn is not None and not reference_name:
         raise ValueError("reference_logits_fn needs a reference_name")
-    errors: dict[str, str] = {}
-    results: list[AttackResult] = []
-
-    def attempt(spec: AttackSpec, **kw) -> AttackResult | None:
-        name = spec.label + (f"@{kw['source']}" if kw.get("source") else "")
-        try:
-            res = ev.run(spec, **kw)
-        except Exception as e:  # noqa: BLE001 -- reported, and the verdict says so
-            errors[name] = f"{type(e).__name__}: {e}"
-            return None
-        results.append(res)
-        return res
-
-    # 7. Exactly-zero gradients (cheap, and explains most of what follows).
-    try:
-        zmask = zero_gradient_mask(ev.logits_fn, ev.x, ev.y, batch_size=ev.batch_size)
-    except Exception as e:  # noqa: BLE001
-        errors["zero_gradients"] = f"{type(e).__name__}: {e}"
-        zmask = None
-
-    # 1. Accuracy vs eps, PGD-xe with the step scaled to eps.
-    curve_eps = [0.0]
-    curve_masks = [ev.clean_correct]
-    grid = extend_eps_grid(config.eps_grid, config.curve_max_eps)
-    user_grid = sorted({float(e) for e in config.eps_grid if e > 0})
-    for e in grid:
-        # Past the user's grid, extend only while accuracy is above zero.
-        if e > max(user_grid, default=0.0) and float(curve_masks[-1].mean()) <= ZERO_ACC_MAX:
-            break
-        r = attempt(paper_spec("pgd", e, loss="xe", steps=config.pgd_steps,
-                               step_size=CURVE_STEP_FACTOR * e / config.pgd_steps,
-                               label="pgd-xe (curve)"))
-        if r is None:
-            break
-        curve_eps.append(e)
-        curve_masks.append(r.robust)
-    checks = (check_curve(curve_eps, curve_masks, config.curve_max_eps) if len(curve_eps) > 1
-              else [Check("curve_monotone", SKIPPED, "PGD did not run"),
-                    Check("curve_reaches_zero", SKIPPED, "PGD did not run")])
-
-    # Budget for checks 2-6.
-    if config.eps is not None:
-        eps, eps_choice = float(config.eps), "given"
-    else:
-        on_grid = [(e, float(m.mean())) for e, m in zip(curve_eps, curve_masks) if e in user_grid]
-        if on_grid:
-            eps = choose_eps([e for e, _ in on_grid], [a for _, a in on_grid], ev.clean_accuracy)
-            eps_choice = "grid eps with curve accuracy nearest half the clean accuracy"
-        else:
-            eps = max(user_grid, default=config.curve_max_eps / 8)
-            eps_choice = "largest grid eps (curve unavailable)"
-
-    step = config.pgd_step(eps)
-    pgd_kw = dict(steps=config.pgd_steps, step_size=step)
-    # A PGD that cannot travel to the boundary of the ball fails checks 2, 3
-    # and 6 because of its budget, not the model; say so next to the verdict.
-    short_budget = config.pgd_steps * step < eps * (1 - 1e-6)
-    budget_check = Check(
-        "attack_budget", INFO,
-        f"PGD steps x step size = {config.pgd_steps} x {step:g} = {config.pgd_steps * step:g}"
-        + (f" < eps {eps:g}: the headline PGD cannot reach the boundary of the ball"
-           if short_budget else f" >= eps {eps:g}"),
-        {"steps": config.pgd_steps, "step_size": step, "eps": eps,
-         "reaches_boundary": not short_budget}, required=False)
-    pgd_xe = attempt(paper_spec("pgd", eps, loss="xe", **pgd_kw))
-    fgsm = attempt(paper_spec("fgsm", eps, loss="xe"))
-    bim = attempt(paper_spec("bim", eps, loss="xe", steps=config.bim_steps,
-                             step_size=eps / config.bim_steps))
-    checks.append(check_iterative(pgd_xe, bim, fgsm))
-
-    # 3. Loss sensitivity.
-    others = {
-        "pgd-margin": attempt(paper_spec("pgd", eps, loss="margin", **pgd_kw)),
-        "pgd-dlr": attempt(paper_spec("pgd", eps, loss="dlr", **pgd_kw)),
-        "apgd-ce": attempt(paper_spec("apgd", eps, loss="xe", steps=config.apgd_steps,
-                                      label="apgd-ce")),
-        "apgd-dlr": attempt(paper_spec("apgd", eps, loss="dlr", steps=config.apgd_steps,
-                                       label="apgd-dlr")),
-    }
-    info = {}
-    if config.model_loss == "gce":
-        info["pgd-gce"] = attempt(paper_spec("pgd", eps, loss="gce", **pgd_kw))
-    checks.append(check_loss_sensitivity(pgd_xe, others, info))
-
-    # 4. Black box vs white box.
-    square = attempt(paper_spec("square", eps, n_queries=config.square_queries))
-    white = {"pgd-xe": pgd_xe, "fgsm-xe": fgsm, "bim-xe": bim, **others}
-    checks.append(check_black_box(square, white))
-
-    # 5. Transfer from the XE twin.
-    transfer = None
-    if reference_logits_fn is not None:
-        transfer = attempt(paper_spec("pgd", eps, loss="xe", **pgd_kw),
-                           source_logits_fn=reference_logits_fn, source=reference_name)
-    checks.append(check_transfer(transfer, pgd_xe, reference=reference_name))
-
-    # 6. Convergence.
-    doubled = attempt(paper_spec("pgd", eps, loss="xe", steps=2 * config.pgd_steps,
-                                 step_size=step, label="pgd-xe (2x steps)"))
-    restarted = attempt(paper_spec("pgd", eps, loss="xe", restarts=config.restarts,
-                                   label=f"pgd-xe ({config.restarts} restarts)", **pgd_kw))
-    checks.append(check_convergence(pgd_xe, doubled, restarted))
-
-    checks.append(check_zero_gradients(zmask, ev.clean_correct))
-
-    # 9 (run before 8, which it joins). AutoAttack standard on the survivors.
-    if config.autoattack:
-        aa = attempt(paper_spec("autoattack", eps, steps=config.apgd_steps,
-                                n_queries=config.square_queries))
-        if aa is not None:
-            results.extend(aa.components)
-
-    # 8. Per-example worst case at the diagnostics eps (informational).
-    same_eps = [r for r in [*results, *extra_results]
-                if r.spec.norm == "linf" and r.spec.eps == eps]
-    groups = best_robust(same_eps)
-    worst = groups[0] if groups else {}
-    if worst:
-        checks.append(Check(
-            "worst_case", INFO,
-            f"{worst['robust_accuracy']:.2%} robust to all {len(worst['attacks'])} attacks at "
-            f"eps={eps:g} (strongest single attack: {worst['strongest_single']:.2%})",
-            dict(worst), required=False))
-    else:
-        checks.append(Check("worst_case", SKIPPED, "no attack ran", required=False))
-    checks.append(check_autoattack(same_eps, eps))
-
-    checks.append(budget_check)
-    v = verdict(checks, num_clean_correct=int(ev.clean_correct.sum()))
-    if short_budget and v.startswith(VERDICT_MASKING):
-        v += " (note: PGD steps x step size < eps; see attack_budget)"
-    accs = [float(m.mean()) for m in curve_masks]
-    return Diagnostics(eps=eps, eps_choice=eps_choice, curve_eps=curve_eps,
-                       curve_accuracy=accs, checks=checks, results=results,
-                       errors=errors, verdict=v, worst_case=worst, config=config)
+    reference = None if reference_logits_fn is None else (reference_logits_fn, reference_name)
+    run = _Run(ev, config, reference, tuple(extra_results))
+    checks = [check for step in CHECK_STEPS for check in step(run)]
+    worst = next(c for c in checks if c.name == "worst_case")
+    return Diagnostics(eps=run.eps, eps_choice=run.eps_choice, curve_eps=run.curve_eps,
+                       curve_accuracy=[float(m.mean()) for m in run.curve_masks],
+                       checks=checks, results=run.results, errors=run.errors,
+                       verdict=verdict(checks, num_clean_correct=int(ev.clean_correct.sum())),
+                       worst_case=dict(worst.values), config=config)
 
 
-# ------------------------------------------------------------------- report
-def diagnostics_markdown(diag: Mapping[str, Any]) -> list[str]:
-    """Markdown lines for the diagnostics section of robustness.md."""
-    lines = ["## Gradient-masking diagnostics", "",
-             f"Checks 2-6 at L_inf eps = {diag['eps']:g} ({diag['eps_choice']}).", ""]
-    curve = diag["curve"]
-    lines += [f"Accuracy vs eps (PGD-xe, {curve['steps']} steps, step {curve['step_size']}):", "",
-              "| eps | " + " | ".join(f"{e:g}" for e in curve["eps"]) + " |",
-              "| --- |" + " --- |" * len(curve["eps"]),
-              "| robust acc % | " + " | ".join(f"{100 * a:.2f}" for a in curve["robust_accuracy"])
-              + " |", ""]
-    if curve.get("plot"):
-        lines += [f"![accuracy vs eps]({curve['plot']})", ""]
-    lines += ["| check | status | detail |", "| --- | --- | --- |"]
-    for c in diag["checks"]:
-        status = c["status"].upper() if c["status"] == FAIL else c["status"]
-        lines.append(f"| {c['name']} | {status} | {c['message']} |")
-    if diag["records"]:
-        from gce_jax.evaluation import _record_row
-        lines += ["", "Diagnostic attacks:", "",
-                  "| attack | threat | norm | eps | loss | robust acc % | n | settings | time s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [_record_row(r) for r in diag["records"]]
-    if diag["errors"]:
-        lines += ["", "Attacks that failed to run:", ""]
-        lines += [f"- {k}: {v}" for k, v in diag["errors"].items()]
-    return lines
+__all__ = ["AUTOATTACK_COMPONENTS", "AUTOATTACK_QUERIES", "AUTOATTACK_STEPS", "BLACK_BOX_TOL",
+           "CONVERGENCE_TOL", "CURVE_MAX_EPS", "CURVE_STEP_FACTOR", "ITERATIVE_TOL",
+           "LOSS_GAP_TOL", "MIN_CORRECT_EXAMPLES", "MONOTONE_TOL", "SIGNIFICANCE_Z",
+           "TRANSFER_TOL", "ZERO_ACC_MAX", "ZERO_GRAD_MAX_FRACTION", "CHECK_NAMES",
+           "CHECK_STEPS", "FAIL", "INFO", "PASS", "SKIPPED", "THRESHOLDS",
+           "VERDICT_INCONCLUSIVE", "VERDICT_MASKING", "VERDICT_OK",
+           "Check", "Diagnostics", "DiagnosticsConfig", "autoattack_coverage",
+           "check_attack_budget", "check_autoattack", "check_black_box", "check_convergence",
+           "check_curve", "check_iterative", "check_loss_sensitivity", "check_transfer",
+           "check_worst_case", "check_zero_gradients", "choose_eps", "extend_eps_grid",
+           "paired_excess", "run_diagnostics", "saturate", "select_eps", "verdict",
+           "zero_gradient_mask"]
