@@ -74,7 +74,7 @@ def _compute_dtype(logits: Array) -> jnp.dtype:
 # leading axis. XLA:CPU vectorises along the contiguous axis, and a [B, 10]
 # array gives it rows of 10: class-major, the same work was 1.2-1.3x optax's
 # cross-entropy at K=10, B=1024 instead of 1.6x; from K=24 on it was slower
-# (benchmarks/RESULTS.md, "Loss, session 5").
+# (benchmarks/RESULTS.md, "Loss B").
 _CLASS_MAJOR_MAX_K = 16
 
 

@@ -266,6 +266,15 @@ def run_chunked(core: Callable[..., Array], batch_chunk: int | None,
     return out.reshape((n * batch_chunk,) + out.shape[2:])[:b]
 
 
+def run_chunked_with_targets(core: Callable[..., Array], batch_chunk: int | None, x: Array,
+                             y: Array, keys: Array, targets: Array | None) -> Array:
+    """:func:`run_chunked` of ``core(x, y, keys, targets)``; ``targets`` may be None
+    (``core`` then draws its own), which cannot be chunked as an array."""
+    if targets is None:
+        return run_chunked(lambda xb, yb, kb: core(xb, yb, kb, None), batch_chunk, x, y, keys)
+    return run_chunked(core, batch_chunk, x, y, keys, targets)
+
+
 def finish(x_adv: Array, x: Array) -> Array:
     """The attack's result in ``x``'s dtype, gradient-stopped (results are data).
 

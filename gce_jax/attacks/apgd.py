@@ -48,7 +48,7 @@ import numpy as np
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, budget, check_inputs,
                                      example_keys, finish, linf_project, num_classes,
-                                     run_chunked, uniform_start, working_precision)
+                                     run_chunked_with_targets, uniform_start, working_precision)
 from gce_jax.attacks.objectives import (N_TARGET_CLASSES, get_objective, n_target_count,
                                         target_matrix,
                                         targeted_objective, top_other_classes)
@@ -71,6 +71,8 @@ def apgd_checkpoints(steps: int) -> list[int]:
 def _apgd_core(fn: LogitsFn, x: Array, y: Array, keys: Array, targets: Array | None,
                eps: Array, *, steps: int, n_restarts: int, loss: str, rho: float,
                momentum: float, targeted: bool, n_targets: int) -> Array:
+    # Long on purpose: the restart/target loops and the step body are closures
+    # over the same constants, so each lax loop carries only its state arrays.
     bshape = (-1,) + (1,) * (x.ndim - 1)
     if targeted:
         targeted_obj = targeted_objective(loss)
@@ -190,11 +192,7 @@ def _apgd_jit(fn, x, y, key, eps, example_offset, targets, *, steps, n_restarts,
     core = functools.partial(_apgd_core, fn, eps=eps, steps=steps,
                              n_restarts=n_restarts, loss=loss, rho=rho,
                              momentum=momentum, targeted=targeted, n_targets=n_targets)
-    if targets is None:
-        x_adv = run_chunked(lambda xb, yb, kb: core(xb, yb, kb, None), batch_chunk, x, y, keys)
-    else:
-        x_adv = run_chunked(core, batch_chunk, x, y, keys, targets)
-    return finish(x_adv, x_in)
+    return finish(run_chunked_with_targets(core, batch_chunk, x, y, keys, targets), x_in)
 
 
 def apgd(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,

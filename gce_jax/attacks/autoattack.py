@@ -105,6 +105,16 @@ def _batch_sharding(x: Any) -> NamedSharding | None:
     return NamedSharding(s.mesh, P(s.spec[0]))
 
 
+def _example_indices(example_offset: Any, b: int) -> np.ndarray:
+    """One global example index per row, from a scalar offset or given indices."""
+    offsets = np.asarray(example_offset, np.int64)
+    offsets = offsets + np.arange(b) if offsets.ndim == 0 else offsets
+    if offsets.shape != (b,):
+        raise ValueError(f"example_offset must be a scalar or have shape ({b},), "
+                         f"got shape {offsets.shape}")
+    return offsets
+
+
 def autoattack(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
                version: str = "standard", steps: int = 100, n_queries: int = 5000,
                n_target_classes: int = N_TARGET_CLASSES, batch_chunk: int | None = None,
@@ -144,11 +154,7 @@ def autoattack(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
         raise ValueError(f"autoattack needs at least 4 classes (APGD-T's targeted DLR), got {k}; "
                          "run its components (apgd, fab, square) directly")
     b = x.shape[0]
-    offsets = np.asarray(example_offset, np.int64)
-    offsets = offsets + np.arange(b) if offsets.ndim == 0 else offsets
-    if offsets.shape != (b,):
-        raise ValueError(f"example_offset must be a scalar or have shape ({b},), "
-                         f"got shape {offsets.shape}")
+    offsets = _example_indices(example_offset, b)
     components = autoattack_components(eps=eps, steps=steps, n_queries=n_queries,
                                        n_target_classes=n_target_classes,
                                        batch_chunk=batch_chunk)

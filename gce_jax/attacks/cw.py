@@ -43,6 +43,8 @@ _NO_BOUND = 1e10
 def _cw_core(fn: LogitsFn, x: Array, labels: Array, confidence: Array, lr: Array,
              initial_const: Array, *, targeted: bool, binary_steps: int,
              steps: int, abort_early: bool) -> Array:
+    # Long on purpose: the binary-search loop and the Adam loop are closures
+    # over the same constants, so each lax loop carries only its state arrays.
     bsz = x.shape[0]
     axes = tuple(range(1, x.ndim))
     bshape = (-1,) + (1,) * (x.ndim - 1)

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, budget, check_inputs,
                                      example_keys, finish, linf_project, num_classes,
-                                     run_chunked, working_precision)
+                                     run_chunked_with_targets, working_precision)
 from gce_jax.attacks.objectives import (N_TARGET_CLASSES, n_target_count, target_matrix,
                                         top_other_classes)
 
@@ -123,6 +123,9 @@ def _fab_core(fn: LogitsFn, x: Array, y: Array, keys: Array, targets: Array | No
               eps: Array, alpha_max: Array, eta: Array, beta: Array, *, steps: int,
               n_restarts: int, targeted: bool, n_targets: int,
               final_search_steps: int) -> Array:
+    # Long on purpose: the restart/target loops, the step body and the final
+    # search are closures over the same constants, so each lax loop carries
+    # only its state arrays.
     b = x.shape[0]
     bshape = (-1,) + (1,) * (x.ndim - 1)
     x0 = x.reshape(b, -1)
@@ -258,11 +261,7 @@ def _fab_jit(fn, x, y, key, eps, alpha_max, eta, beta, example_offset, targets, 
                              eta=scalars[2], beta=scalars[3], steps=steps,
                              n_restarts=n_restarts, targeted=targeted, n_targets=n_targets,
                              final_search_steps=final_search_steps)
-    if targets is None:
-        x_adv = run_chunked(lambda xb, yb, kb: core(xb, yb, kb, None), batch_chunk, x, y, keys)
-    else:
-        x_adv = run_chunked(core, batch_chunk, x, y, keys, targets)
-    return finish(x_adv, x_in)
+    return finish(run_chunked_with_targets(core, batch_chunk, x, y, keys, targets), x_in)
 
 
 def fab(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array, eps: float,
