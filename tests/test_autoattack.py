@@ -252,6 +252,10 @@ def test_evaluator_reports_autoattack_and_one_cumulative_row_per_component(digit
         np.testing.assert_array_equal(r.robust, one.clean_correct & ~np.isin(
             direct.broken_by, np.arange(c + 1)))
         assert r.record["settings"]["broke"] == int(np.sum(direct.broken_by == c))
+        # Success is cumulative as well, not the ensemble's final figure repeated.
+        fooled = int(one.clean_correct.sum() - r.robust.sum())
+        assert r.record["num_success"] == fooled and r.record["mean_l0"] is None
+        assert r.record["success_rate"] == pytest.approx(fooled / one.clean_correct.sum())
     np.testing.assert_array_equal(rows[-1].robust, res.robust)
     assert res.record["loss"].startswith("apgd-ce:xe") and res.record["settings"]["steps"] == 5
     # The worst case counts the ensemble once, not its cumulative rows.

@@ -385,16 +385,20 @@ class EnsembleTally:
         """One cumulative row per component: robust to it and every one before it.
 
         The last row's mask is the ensemble's own (an example the final
-        check finds robust counts as robust at every stage). Distortion
-        columns are left empty: they describe the ensemble's result.
+        check finds robust counts as robust at every stage). Success is
+        cumulative too; distortion columns are left empty: they describe the
+        ensemble's result.
         """
         rows = []
+        n_correct = int(clean_correct.sum())
         for c, name in enumerate(self.names):
             robust = main.robust | (clean_correct & (self.broken_by > c))
+            fooled = n_correct - int(robust.sum())
             record = dict(main.record)
             record.update(
                 label=f"{main.spec.label} > {name}", robust_accuracy=float(robust.mean()),
-                num_robust=int(robust.sum()), max_linf=None, mean_l2=None,
+                num_robust=int(robust.sum()), max_linf=None, mean_l2=None, mean_l0=None,
+                num_success=fooled, success_rate=fooled / n_correct if n_correct else None,
                 wall_time_s=round(float(self.seconds[c]), 3),
                 settings={"component": c, "name": name, "cumulative": True,
                           "broke": int(np.sum(self.broken_by == c))})
