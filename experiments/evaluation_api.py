@@ -97,11 +97,12 @@ class Report:
 def get_eval_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The default eval config (``experiments/configs/eval_default.py``) with ``overrides``."""
     config = eval_default.get_config()
-    for key, value in overrides.items():
-        if key not in config:
-            raise EvalConfigError(f"unknown eval setting {key!r} (known: {sorted(config)})")
-        config[key] = value
-    return config
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise EvalConfigError(f"unknown eval settings {unknown} (known: {sorted(config)})")
+    # Rebuilt from a dict, so an override need not have its default's type
+    # (eps: None -> a tuple, attacks: a tuple or one string).
+    return ml_collections.ConfigDict({**config.to_dict(), **overrides})
 
 
 # ------------------------------------------------------------ settings
@@ -206,14 +207,12 @@ def eval_config_sha256(eval_config: Mapping[str, Any], run_config: Mapping[str, 
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def eval_command(workdir: str, eval_config: Mapping[str, Any]) -> str:
-    """The ``python -m experiments.evaluate ...`` line that reruns this evaluation."""
+def eval_flags(eval_config: Mapping[str, Any]) -> list[str]:
+    """``experiments.evaluate`` flags for the settings that differ from the defaults."""
     c, default = normalize_eval_config(eval_config), eval_default.get_config()
-    argv = ["--workdir", workdir]
+    argv = []
     for key in default:
-        value = c[key]
-        if key == "attacks":
-            value = tuple(value)
+        value = tuple(c[key]) if key == "attacks" else c[key]
         if value == default[key]:
             continue
         if key in NEGATED_FLAGS:
@@ -224,7 +223,14 @@ def eval_command(workdir: str, eval_config: Mapping[str, Any]) -> str:
             argv += ["--eps", *(repr(e) for e in value)]
         else:
             argv += [f"--{key}", str(value)]
-    return " ".join(shlex.quote(a) for a in ["python", "-m", "experiments.evaluate", *argv])
+    return argv
+
+
+def eval_command(workdir: str, eval_config: Mapping[str, Any]) -> str:
+    """The ``python -m experiments.evaluate ...`` line that reruns this evaluation."""
+    argv = ["python", "-m", "experiments.evaluate", "--workdir", workdir,
+            *eval_flags(eval_config)]
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 # ------------------------------------------------------------ paths
@@ -450,6 +456,6 @@ def evaluate_checkpoint(workdir_or_weights: str, eval_config: Mapping[str, Any])
 
 
 __all__ = ["NOT_HASHED", "PNG_NAME", "EvalConfigError", "Report", "check_out_dir",
-           "check_workdir", "eval_command", "eval_config_sha256", "evaluate_checkpoint",
+           "check_workdir", "eval_command", "eval_flags", "eval_config_sha256", "evaluate_checkpoint",
            "get_eval_config", "load_model", "load_test_set", "main_specs",
            "normalize_eval_config", "prepare", "resolve_eval_config"]

@@ -6,7 +6,8 @@
 
 Each target trains what it needs into ``runs/<run>`` (a finished run is
 reused: training resumes from its last checkpoint and has nothing left to do),
-evaluates through ``experiments.evaluate`` (same attacks, same report format,
+evaluates through ``experiments.evaluation_api.evaluate_checkpoint`` (what
+``experiments.evaluate`` runs: same attacks, same report format,
 gradient-masking diagnostics included) and writes ``results/<target>/``:
 ``<target>.md`` (our number beside the paper's, same rows and columns),
 ``<target>.json`` and the PNGs.
@@ -145,42 +146,86 @@ def train_run(name: str, config, runs_dir: str) -> dict:
 
 
 def run_fingerprint(workdir: str) -> str:
-    """``variables_sha256`` of the checkpoint ``experiments.evaluate`` would load."""
+    """``variables_sha256`` of the checkpoint ``evaluate_checkpoint`` would load."""
     from gce_jax.checkpoint import variables_fingerprint
     from gce_jax.train import load_for_eval
     return variables_fingerprint(load_for_eval(workdir)[1])
 
 
-def evaluate_run(name: str, runs_dir: str, out_dir: str, argv: Sequence[str]) -> dict:
-    """``experiments.evaluate`` on one run; returns its report (reused if present)."""
+def stored_config_hash(report: dict, run_config) -> str | None:
+    """The report's ``eval_config_sha256``; for a report from before it had one
+    (schema 2), the hash of the settings its command line gives (None if unreadable)."""
+    if report.get("eval_config_sha256"):
+        return report["eval_config_sha256"]
     from experiments import evaluate
-    out = os.path.join(out_dir, name)
-    path = os.path.join(out, "robustness.json")
+    from experiments.evaluation_api import eval_config_sha256
+    try:
+        argv = shlex.split(report.get("command", ""))
+    except ValueError:
+        return None
+    if argv[:3] != ["python", "-m", "experiments.evaluate"]:
+        return None
+    parser = evaluate.build_parser()
+
+    def error(message: str):  # instead of printing and exiting
+        raise ValueError(message)
+
+    parser.error = error
+    try:
+        config = evaluate.eval_config_from_args(parser.parse_args(argv[3:]))
+        return eval_config_sha256(config, run_config)
+    except (ValueError, cli.UserError):
+        return None
+
+
+def why_not_reuse(report: dict, workdir: str, eval_config) -> str | None:
+    """None if ``report`` is this evaluation of this run's weights, else the reason.
+
+    Reused iff the settings' hash and the weights' ``variables_sha256`` match
+    (where the report was written does not matter, so evaluation folders can be
+    reorganised; a retrained model with the run's name, e.g. on a new machine
+    where runs/ is empty, gets a new evaluation), and the records hold every
+    setting the attacks have now (the hash covers the settings, not the code).
+    """
+    from experiments.evaluation_api import eval_config_sha256
+    from gce_jax.train import load_config
+    run_config = load_config(workdir)
+    if stored_config_hash(report, run_config) != eval_config_sha256(eval_config, run_config):
+        return "was computed with other settings"
+    if not records_current_settings(report):
+        return "predates a setting the attacks now have"
+    if report.get("model", {}).get("variables_sha256") != run_fingerprint(workdir):
+        return "was computed on other weights (or records none)"
+    return None
+
+
+def evaluate_run(name: str, runs_dir: str, out_dir: str, eval_config) -> dict:
+    """``evaluate_checkpoint`` on one run with ``eval_config`` (a ConfigDict or a dict
+    of its fields) into ``out_dir/<name>``; returns its report (reused if it matches)."""
+    from experiments.evaluation_api import evaluate_checkpoint, get_eval_config
+    config = get_eval_config(**dict(eval_config))
+    config.out, config.progress = os.path.join(out_dir, name), False
+    path = os.path.join(config.out, "robustness.json")
     workdir = os.path.join(runs_dir, name)
-    attack_args = ["--no_progress", *argv]
-    args = ["--workdir", workdir, "--out", out, *attack_args]
     if os.path.exists(path):
         with open(path) as f:
             report = json.load(f)
-        # Same run, same attack arguments, same attack settings and the same
-        # weights; where the report was written (--out) does not matter, so
-        # evaluation folders can be reorganised. A retrained model with the
-        # run's name (runs/ is not kept between machines) gets a new evaluation.
-        cmd = report.get("command", "")
-        if (f"--workdir {shlex.quote(workdir)} " in cmd
-                and cmd.endswith(" ".join(shlex.quote(a) for a in attack_args))):
-            if not records_current_settings(report):
-                print(f"[reproduce] {path} predates a setting the attacks now have: "
-                      "evaluating again", flush=True)
-            elif report.get("model", {}).get("variables_sha256") == run_fingerprint(workdir):
-                print(f"[reproduce] reuse {path}", flush=True)
-                return report
-            else:
-                print(f"[reproduce] {path} was computed on other weights (or records none): "
-                      "evaluating again", flush=True)
-    print(f"[reproduce] evaluate {name}: {' '.join(argv)}", flush=True)
-    parsed = evaluate.build_parser().parse_args(args)
-    return evaluate.run(parsed, args)
+        reason = why_not_reuse(report, workdir, config)
+        if reason is None:
+            print(f"[reproduce] reuse {path}", flush=True)
+            return report
+        print(f"[reproduce] {path} {reason}: evaluating again", flush=True)
+    print(f"[reproduce] evaluate {name}: {_settings_line(config)}", flush=True)
+    report = evaluate_checkpoint(workdir, config)
+    print(f"[reproduce] wrote {report.json_path}; verdict ({name}): {report.verdict}",
+          flush=True)
+    return dict(report.document)
+
+
+def _settings_line(config) -> str:
+    """The eval settings that differ from the defaults, as the CLI would name them."""
+    from experiments.evaluation_api import eval_flags
+    return " ".join(shlex.quote(a) for a in eval_flags(config))
 
 
 def records_current_settings(report: dict) -> bool:
@@ -297,18 +342,24 @@ def table2(args) -> None:
     write_outputs(args.out_dir, "table2", payload, md)
 
 
-def _eval_argv_main(ds: str, eps: Sequence[float], args) -> list[str]:
-    return ["--attacks", "fgsm,bim,pgd,mim", "--eps", *[str(e) for e in eps], "--n", str(args.n),
-            "--no_diagnostics", "--seed", str(args.eval_seed)]
+def _eval_config_main(ds: str, eps: Sequence[float], args) -> dict[str, Any]:
+    return {"attacks": ("fgsm", "bim", "pgd", "mim"), "eps": tuple(eps), "n": args.n,
+            "diagnostics": False, "seed": args.eval_seed}
 
 
-def _eval_argv_slow(args) -> list[str]:
-    argv = ["--attacks", "jsma,carlini_wagner_l2", "--n", str(args.n_slow), "--no_diagnostics",
-            "--seed", str(args.eval_seed)]
-    for flag in ("cw_binary_steps", "cw_steps"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag}", str(getattr(args, flag))]
-    return argv
+def _eval_config_slow(args) -> dict[str, Any]:
+    """JSMA and C&W-L2 on ``--n_slow``; a reduced C&W budget when asked for."""
+    return {"attacks": ("jsma", "carlini_wagner_l2"), "n": args.n_slow, "diagnostics": False,
+            "seed": args.eval_seed, "cw_binary_steps": args.cw_binary_steps,
+            "cw_steps": args.cw_steps}
+
+
+def _eval_config_diag(eps: Sequence[float], diag_eps: float, attacks: Sequence[str],
+                      args, reference: str | None = None) -> dict[str, Any]:
+    """The gradient-masking diagnostics on ``--n_diag`` at ``diag_eps``."""
+    return {"attacks": tuple(attacks), "eps": tuple(eps), "n": args.n_diag,
+            "diag_eps": diag_eps, "seed": args.eval_seed, "restarts": args.restarts,
+            "square_queries": args.square_queries, "reference_workdir": reference}
 
 
 def _slow_tag(args) -> str:
@@ -330,7 +381,7 @@ def _eval_main(name: str, ds: str, args) -> dict:
     """FGSM/BIM/PGD/MIM at Table 3's radii on ``--n`` test images."""
     eps = TABLE3_EPS[ds]
     return evaluate_run(name, args.runs_dir, os.path.join(args.eval_dir, f"main-{_eps_tag(eps)}"),
-                        _eval_argv_main(ds, eps, args))
+                        _eval_config_main(ds, eps, args))
 
 
 def _eval_all(name: str, ds: str, args, *, slow: bool, reference: str | None = None) -> dict:
@@ -346,16 +397,13 @@ def _eval_all(name: str, ds: str, args, *, slow: bool, reference: str | None = N
         # Keyed by the subset size too: a run on another --n_slow must not
         # overwrite this one's report.
         reports["slow"] = evaluate_run(name, args.runs_dir, os.path.join(root, _slow_tag(args)),
-                                       _eval_argv_slow(args))
+                                       _eval_config_slow(args))
     if args.skip_diag:
         reports["diagnostics"] = {"verdict": SKIPPED_DIAG}
         return reports
     diag_eps = TABLE5_EPS[ds]
-    diag = ["--attacks", "fgsm,bim,pgd", "--eps", *[str(e) for e in eps], "--n", str(args.n_diag),
-            "--diag_eps", str(diag_eps), "--seed", str(args.eval_seed),
-            "--square_queries", str(args.square_queries), "--restarts", str(args.restarts)]
-    if reference:
-        diag += ["--reference_workdir", os.path.join(args.runs_dir, reference)]
+    diag = _eval_config_diag(eps, diag_eps, ("fgsm", "bim", "pgd"), args,
+                             os.path.join(args.runs_dir, reference) if reference else None)
     reports["diagnostics"] = evaluate_run(name, args.runs_dir,
                                           os.path.join(root, f"diag-{_eps_tag([diag_eps])}"), diag)
     return reports
@@ -365,15 +413,12 @@ def _eval_pgd_table(name: str, sub: str, eps: Sequence[float], args, attacks: st
     """Main numbers on ``--n`` images plus diagnostics on ``--n_diag``, one report each."""
     root = os.path.join(args.eval_dir, sub)
     main = evaluate_run(name, args.runs_dir, os.path.join(root, f"main-{_eps_tag(eps)}"),
-                        ["--attacks", attacks, "--eps", *map(str, eps), "--n", str(args.n),
-                         "--no_diagnostics", "--seed", str(args.eval_seed)])
+                        {**_eval_config_main("", eps, args), "attacks": attacks})
     if args.skip_diag:
         main["verdict"] = SKIPPED_DIAG
         return main
     diag = evaluate_run(name, args.runs_dir, os.path.join(root, f"diag-{_eps_tag(eps[:1])}"),
-                        ["--attacks", "fgsm,bim,pgd", "--eps", *map(str, eps), "--n", str(args.n_diag),
-                         "--diag_eps", str(eps[0]), "--seed", str(args.eval_seed),
-                         "--restarts", str(args.restarts), "--square_queries", str(args.square_queries)])
+                        _eval_config_diag(eps, eps[0], ("fgsm", "bim", "pgd"), args))
     main["verdict"] = diag.get("verdict")
     return main
 

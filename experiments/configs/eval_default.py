@@ -21,8 +21,9 @@ DEFAULT_ATTACKS = ("fgsm", "bim", "pgd", "mim")  # the paper's Eqs. 4-7
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Attack names of gce_jax.attacks.ATTACKS, optionally name:loss (pgd:margin).
-    c.attacks = DEFAULT_ATTACKS
+    # Attack names of gce_jax.attacks.ATTACKS, optionally name:loss (pgd:margin):
+    # a tuple, or one comma-separated string (as on the command line).
+    c.attacks = ml_collections.FieldReference(DEFAULT_ATTACKS, field_type=object)
     c.eps = None  # L_inf budgets; None: the run's config.eval.pgd_eps
     c.n = 10000  # test examples (a seeded random subset when fewer than the split)
     c.seed = 0  # subset selection and attack randomness
