@@ -52,7 +52,7 @@ class EvalConfigError(cli.UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """A written evaluation: ``robustness.json``'s document and where it lies.
+    """A written evaluation: ``robustness.json``'s document (as read back) and where it lies.
 
     Reads like the document (``report["results"]``); :meth:`to_dict` gives a copy.
     """
@@ -452,7 +452,9 @@ def evaluate_checkpoint(workdir_or_weights: str, eval_config: Mapping[str, Any])
         verdict=verdict, extra_results=diag_results)
     jpath, mpath = R.write_report(c.out, document,
                                   extra_files={PNG_NAME: png} if png else None)
-    return Report(document, jpath, mpath)
+    # What robustness.json holds (lists, floats, null), so a fresh report and a stored
+    # one read back compare equal.
+    return Report(json.loads(R.report_to_json(document)), jpath, mpath)
 
 
 __all__ = ["NOT_HASHED", "PNG_NAME", "EvalConfigError", "Report", "check_out_dir",
