@@ -100,9 +100,11 @@ def get_eval_config(**overrides: Any) -> ml_collections.ConfigDict:
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise EvalConfigError(f"unknown eval settings {unknown} (known: {sorted(config)})")
-    # Rebuilt from a dict, so an override need not have its default's type
-    # (eps: None -> a tuple, attacks: a tuple or one string).
-    return ml_collections.ConfigDict({**config.to_dict(), **overrides})
+    # Untyped fields: a setting need not keep its default's type (eps: None -> a
+    # tuple, attacks: a tuple or one string); normalize_eval_config checks them all.
+    values = {**config.to_dict(), **overrides}
+    return ml_collections.ConfigDict(
+        {k: ml_collections.FieldReference(v, field_type=object) for k, v in values.items()})
 
 
 # ------------------------------------------------------------ settings

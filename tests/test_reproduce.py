@@ -6,6 +6,7 @@ import os
 import pytest
 
 from experiments import reproduce
+from experiments.targets import common, table_md, tables
 
 
 def test_fig3_target_writes_table_json_and_png(tmp_path):
@@ -106,7 +107,7 @@ def test_pgd_table_rows_put_ours_beside_the_papers_and_mark_masking():
              "settings": {"steps": steps}}]}
     cols = {"adv_xe": report(0.8123, "no masking detected"),
             "adv_gce": report(0.5, "gradient masking suspected: square")}
-    lines = reproduce._pgd_table_md("mnist", {"mnist": {("pgd", 0.3): (83.67, 83.85)}}, cols,
+    lines = table_md.pgd_table_md("mnist", {"mnist": {("pgd", 0.3): (83.67, 83.85)}}, cols,
                                     ("adv_xe", "adv_gce"), steps_column=True)
     row = [l for l in lines if l.startswith("| PGD")][0]
     assert [c.strip() for c in row.strip("|").split("|")] == [
@@ -140,12 +141,12 @@ def test_bad_seeds_are_rejected_before_anything_is_written(tmp_path, capsys):
 
 def test_reduced_cw_budget_gets_its_own_evaluation_folder():
     args = reproduce.build_parser().parse_args(["--target", "table3", "--n_slow", "100"])
-    assert reproduce._slow_tag(args) == "jsma-cw-n100"  # the paper's budget: unchanged name
-    assert reproduce._eval_config_slow(args)["cw_steps"] is None
+    assert tables.slow_tag(args) == "jsma-cw-n100"  # the paper's budget: unchanged name
+    assert tables._eval_config_slow(args)["cw_steps"] is None
     args = reproduce.build_parser().parse_args(["--target", "table3", "--n_slow", "100",
                                                 "--cw_steps", "200"])
-    assert reproduce._slow_tag(args) == "jsma-cw-n100-cw9x200"
-    assert reproduce._eval_config_slow(args)["cw_steps"] == 200
+    assert tables.slow_tag(args) == "jsma-cw-n100-cw9x200"
+    assert tables._eval_config_slow(args)["cw_steps"] == 200
 
 
 RUN_CONFIG = {"dataset": "mnist", "selection": "last",
@@ -170,7 +171,7 @@ def evaluated(tmp_path, monkeypatch):
         return evaluation_api.Report({"new": 1, "verdict": "v"}, "j", "m")
 
     monkeypatch.setattr(evaluation_api, "evaluate_checkpoint", fake)
-    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "aaa")
+    monkeypatch.setattr(common, "run_fingerprint", lambda w: "aaa")
 
     def store(rep):
         (out / "r").mkdir(parents=True, exist_ok=True)
@@ -194,13 +195,13 @@ def test_same_settings_and_weights_are_reused(evaluated):
 
 def test_other_weights_are_evaluated_again(evaluated, monkeypatch):
     e = evaluated
-    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "bbb")
+    monkeypatch.setattr(common, "run_fingerprint", lambda w: "bbb")
     assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL) == {"new": 1, "verdict": "v"}
     (workdir, config), = e["calls"]
     assert workdir == os.path.join(e["runs"], "r") and config.out == os.path.join(e["out"], "r")
     assert config.n == 8 and not config.progress
     # A report that records no weights is not trusted either.
-    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "aaa")
+    monkeypatch.setattr(common, "run_fingerprint", lambda w: "aaa")
     del e["report"]["model"]["variables_sha256"]
     e["store"](e["report"])
     assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL) == {"new": 1, "verdict": "v"}
@@ -268,13 +269,13 @@ def test_jsma_and_cw_rows_get_targeted_success_and_distortion_columns():
         for v, s, d in (("xe", 0.66, 1.2345), ("gce", 0.261, None))}
     table = {"mnist": {("fgsm", 0.1): (78.32, 87.66), ("jsma", 0.25): (1.53, 26.24),
                        ("cw", 0.0): (0.0, 25.6)}}
-    rows = reproduce._attack_rows("mnist", table, reports, ("xe", "gce"))
-    lines = reproduce._success_table_md(rows, ("xe", "gce"))
+    rows = table_md.attack_rows("mnist", table, reports, ("xe", "gce"))
+    lines = table_md.success_table_md(rows, ("xe", "gce"))
     assert "accuracy under attack" in lines[1]
     body = [[c.strip() for c in l.strip("|").split("|")] for l in lines if l.startswith("| ")][1:]
     assert body == [["JSMA", "γ=0.25", "66.00", "L0 57.2", "26.10", "L0 57.2", "100"],
                     ["CW", "κ=0", "66.00", "L2 1.234", "26.10", "n/a", "100"]]
-    assert reproduce._success_table_md([r for r in rows if r[0] == "fgsm"], ("xe", "gce")) == []
+    assert table_md.success_table_md([r for r in rows if r[0] == "fgsm"], ("xe", "gce")) == []
 
 
 def test_reports_without_a_current_attack_setting_are_not_reused(tmp_path, monkeypatch):
@@ -301,6 +302,6 @@ def test_reports_without_a_current_attack_setting_are_not_reused(tmp_path, monke
     (tmp_path / "evals" / "r" / "robustness.json").write_text(json.dumps(report))
     monkeypatch.setattr(evaluation_api, "evaluate_checkpoint",
                         lambda w, c: evaluation_api.Report({"new": 1, "verdict": "v"}, "j", "m"))
-    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "aaa")
+    monkeypatch.setattr(common, "run_fingerprint", lambda w: "aaa")
     assert reproduce.evaluate_run("r", str(tmp_path / "runs"), str(tmp_path / "evals"),
                                   settings)["new"] == 1

@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Attack names of gce_jax.attacks.ATTACKS, optionally name:loss (pgd:margin):
     # a tuple, or one comma-separated string (as on the command line).
     c.attacks = ml_collections.FieldReference(DEFAULT_ATTACKS, field_type=object)
-    c.eps = None  # L_inf budgets; None: the run's config.eval.pgd_eps
+    # L_inf budgets (a tuple, or a comma-separated string); None: config.eval.pgd_eps.
+    c.eps = ml_collections.FieldReference(None, field_type=object)
     c.n = 10000  # test examples (a seeded random subset when fewer than the split)
     c.seed = 0  # subset selection and attack randomness
     c.reference_workdir = None  # XE run of the same architecture (transfer check)
