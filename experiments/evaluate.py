@@ -19,34 +19,26 @@ eps (``jsma``, ``carlini_wagner_l2``) run once with the paper's settings.
 ``autoattack`` (AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square) gives
 one row plus one cumulative row per component, with ``--apgd_steps`` and
 ``--square_queries`` as its budgets.
+
+This is a thin CLI: the flags become an eval config (one field per flag,
+``experiments/configs/eval_default.py``) and
+``experiments.evaluation_api.evaluate_checkpoint`` does the work, so a
+script gets the same report from one call.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
-import tempfile
 from typing import Any, Sequence
 
+import ml_collections
+
 from experiments import cli
+from experiments.evaluation_api import PNG_NAME, EvalConfigError, evaluate_checkpoint
 
-PNG_NAME = "accuracy_vs_eps.png"
-
-
-class CLIError(cli.UserError):
-    """Bad command-line input; reported as one line, nothing is written."""
-
-
-def _float_list(text: str) -> list[float]:
-    vals = []
-    for part in text.replace(",", " ").split():
-        try:
-            vals.append(float(part))
-        except ValueError:
-            raise CLIError(f"--eps: {part!r} is not a number") from None
-    return vals
+# Bad command-line input; reported as one line, nothing is written.
+CLIError = EvalConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,251 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _split_names(values: Sequence[str] | None) -> list[str]:
-    if values is None:
-        return []
-    return [n for v in values for n in v.replace(",", " ").split()]
+def eval_config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """The eval config the flags describe (``--no_X`` flags are ``X = False``)."""
+    from experiments.evaluation_api import get_eval_config
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ("workdir", "debug", "verbosity", "no_diagnostics", "no_progress")}
+    if fields["attacks"] is None:
+        del fields["attacks"]
+    return get_eval_config(**fields, diagnostics=not args.no_diagnostics,
+                           progress=not args.no_progress)
 
 
-def _check_workdir(path: str, flag: str) -> None:
-    if not os.path.isdir(path):
-        raise CLIError(f"{flag} {path!r} does not exist or is not a directory")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CLIError(f"{flag} {path!r} has no config.json; is it a training run directory?")
-    from gce_jax.train import ConfigError, read_run_config
-    try:
-        read_run_config(path)
-    except ConfigError as e:
-        raise CLIError(f"{flag}: {e}") from None
-    from gce_jax import weights
-    if weights.is_published(path):  # checked (sha256) when it is loaded
-        return
-    ckpts = [d for d in ("checkpoints", "checkpoints_best")
-             if os.path.isdir(os.path.join(path, d)) and os.listdir(os.path.join(path, d))]
-    if not ckpts:
-        raise CLIError(f"{flag} {path!r} has no checkpoint (expected {path}/checkpoints/<step>)")
-
-
-def _validate(args: argparse.Namespace) -> None:
-    """Everything checkable without loading a model; raises CLIError."""
-    if args.n <= 0:
-        raise CLIError(f"--n must be > 0, got {args.n}")
-    if args.batch_size <= 0:
-        raise CLIError(f"--batch_size must be > 0, got {args.batch_size}")
-    if args.devices is not None:
-        import jax
-        if not 1 <= args.devices <= jax.local_device_count():
-            raise CLIError(f"--devices must be in [1, {jax.local_device_count()}] "
-                           f"(the local devices), got {args.devices}")
-    for flag in ("restarts", "apgd_steps", "square_queries", "cw_binary_steps", "cw_steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise CLIError(f"--{flag} must be >= 1, got {value}")
-    if args.pgd_steps is not None and args.pgd_steps < 1:
-        raise CLIError(f"--pgd_steps must be >= 1, got {args.pgd_steps}")
-    if args.pgd_step_size is not None and not args.pgd_step_size > 0:
-        raise CLIError(f"--pgd_step_size must be > 0, got {args.pgd_step_size}")
-    if args.eps is not None:
-        eps = _float_list(" ".join(args.eps))
-        if not eps:
-            raise CLIError("--eps needs at least one value")
-        bad = [e for e in eps if not (e >= 0) or e != e or e == float("inf")]
-        if bad:
-            raise CLIError(f"--eps must be >= 0 and finite, got {bad}")
-        big = [e for e in eps if e > 1]
-        if big:
-            raise CLIError(f"--eps must be <= 1 (L_inf radii of images in [0, 1]; 8/255 is "
-                           f"0.0314), got {big}")
-        args.eps = eps
-    if args.diag_eps is not None and not (0 < args.diag_eps <= 1):
-        raise CLIError(f"--diag_eps must be in (0, 1], got {args.diag_eps}")
-    _check_workdir(args.workdir, "--workdir")
-    if args.reference_workdir is not None:
-        _check_workdir(args.reference_workdir, "--reference_workdir")
-    args.run_name = args.run_name or os.path.basename(os.path.normpath(args.workdir))
-    args.out = args.out or os.path.join("results", args.run_name)
-    _check_out_dir(args.out)
-
-
-def _check_out_dir(path: str) -> None:
-    """``--out`` must be a directory that can be created or written; creates nothing."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise CLIError(f"--out {path!r} exists and is not a directory")
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise CLIError(f"--out {path!r}: {parent!r} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise CLIError(f"--out {path!r} is not writable ({parent}: {e.strerror})") from None
-
-
-def _parse_attacks(names: list[str], registry) -> list[tuple[str, str]]:
-    from gce_jax.robustness import EvaluationError, parse_attack_name
-    out = []
-    for n in names:
-        try:
-            out.append(parse_attack_name(n, registry))
-        except EvaluationError as e:
-            raise CLIError(str(e)) from None
-    return out
-
-
-def _load(workdir: str, selection: str | None, flag: str):
-    from gce_jax import train, weights
-    try:
-        if weights.is_published(workdir):  # a published-weights folder
-            return weights.load_published(workdir)
-        return train.load_for_eval(workdir, selection)
-    except Exception as e:  # noqa: BLE001 -- any load failure is one clear error
-        raise CLIError(f"{flag} {workdir!r}: could not load the checkpoint: "
-                       f"{cli.error_line(e)}") from None
-
-
-def _load_test_set(config, n: int, seed: int):
-    import numpy as np
-
-    from gce_jax import data as data_lib
-    split = config.data.get("test_split", "test")
-    try:
-        ds = data_lib.load_config_split(config, split)
-    except Exception as e:  # noqa: BLE001
-        raise CLIError(f"could not load the {config.dataset} {split} split: "
-                       f"{type(e).__name__}: {e}") from None
-    total = len(ds)
-    if n >= total:
-        idx = np.arange(total)
-        selection = f"all {total} examples"
-    else:
-        # A seeded random subset: test splits may be ordered by class.
-        idx = np.sort(np.random.default_rng(seed).permutation(total)[:n])
-        selection = f"random subset of {n}/{total} (numpy default_rng({seed}))"
-    info = {"dataset": ds.name, "class_names": ds.class_names, "split": split,
-            "n": int(len(idx)), "total": total, "selection": selection,
-            "origin": getattr(ds, "origin", "")}
-    return ds.images[idx], ds.labels[idx], info
-
-
-def _main_specs(attacks: list[tuple[str, str]], eps: list[float], config, args):
-    from experiments.paper_numbers import PAPER_JSMA_GAMMA
-    from gce_jax import robustness as R
-    specs = []
-    pgd_kw = {"steps": args.pgd_steps, "step_size": args.pgd_step_size,
-              "random_start": bool(config.eval.get("pgd_random_start", True))}
-    for attack, loss in attacks:
-        if attack in R.EPS_FREE_ATTACKS:
-            if attack == "jsma":
-                for g in PAPER_JSMA_GAMMA.get(config.dataset, (0.25,)):
-                    specs.append(R.paper_spec(attack, None, gamma=g, label=f"jsma (gamma={g:g})"))
-            else:
-                # A reduced C&W budget (CPU runs) is recorded in the report's settings.
-                cw = {k: v for k, v in (("binary_steps", args.cw_binary_steps),
-                                        ("steps", args.cw_steps)) if v is not None}
-                specs.append(R.paper_spec(attack, None, **cw))
-            continue
-        for e in eps:
-            kw = dict(pgd_kw) if attack == "pgd" else {}
-            if attack in ("apgd", "autoattack"):
-                kw["steps"] = args.apgd_steps
-            if attack in ("square", "autoattack"):
-                kw["n_queries"] = args.square_queries
-            specs.append(R.paper_spec(attack, e, loss=loss, **kw))
-    return specs
-
-
-def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
-    """Runs the evaluation; returns the report (already written)."""
-    _validate(args)
-    from gce_jax.attacks import ATTACKS
-    attacks = _parse_attacks(_split_names(args.attacks) or ["fgsm", "bim", "pgd", "mim"], ATTACKS)
-
-    from experiments.paper_numbers import default_eps
-    from gce_jax import models, plots
-    from gce_jax import robustness as R
-    from gce_jax.checkpoint import variables_fingerprint
-    from gce_jax.provenance import portable_path
-
-    model, variables, config = _load(args.workdir, args.selection, "--workdir")
-    ref = None
-    run_name = args.run_name
-    if args.reference_workdir is not None:
-        rmodel, rvars, rconfig = _load(args.reference_workdir, None, "--reference_workdir")
-        if (rconfig.dataset, rconfig.model) != (config.dataset, config.model):
-            raise CLIError(
-                f"--reference_workdir is {rconfig.model} on {rconfig.dataset}, but the model "
-                f"under test is {config.model} on {config.dataset}; the transfer check needs "
-                "the same architecture and data set")
-        if rconfig.loss != "xe":
-            print(f"warning: reference model was trained with {rconfig.loss!r}, not 'xe'",
-                  file=sys.stderr)
-        ref = (models.logits_fn(rmodel, rvars),
-               os.path.basename(os.path.normpath(args.reference_workdir)))
-
-    ev_cfg = config.get("eval", {})
-    args.pgd_steps = args.pgd_steps or int(ev_cfg.get("pgd_steps", 40))
-    args.pgd_step_size = args.pgd_step_size or float(ev_cfg.get("pgd_step_size", 0.01))
-    eps = args.eps if args.eps is not None else [
-        float(e) for e in (ev_cfg.get("pgd_eps") or default_eps(config.dataset))]
-
-    x, y, data_info = _load_test_set(config, args.n, args.seed)
-    logits_fn = models.logits_fn(model, variables)
-    import jax
-    from gce_jax.parallel import make_mesh
-    mesh = make_mesh(jax.local_devices()[:args.devices])
-    ev = R.Evaluator(logits_fn, x, y, seed=args.seed, batch_size=args.batch_size, mesh=mesh,
-                     registry=ATTACKS, progress=not args.no_progress)
-    results = []
-    try:
-        for spec in _main_specs(attacks, eps, config, args):
-            results.extend(ev.run(spec).with_components())
-    except R.EvaluationError as e:
-        raise CLIError(str(e)) from None
-
-    diag_json, diag_results, png = None, [], None
-    verdict = f"{R.VERDICT_INCONCLUSIVE}: diagnostics not run (--no_diagnostics)"
-    if not args.no_diagnostics:
-        dcfg = R.DiagnosticsConfig(
-            eps=args.diag_eps, eps_grid=tuple(e for e in eps if e > 0) or (0.1,),
-            pgd_steps=args.pgd_steps, pgd_step_size=args.pgd_step_size,
-            apgd_steps=args.apgd_steps, square_queries=args.square_queries,
-            restarts=args.restarts, model_loss=config.get("loss"))
-        diag = R.run_diagnostics(ev, dcfg, reference_logits_fn=ref[0] if ref else None,
-                                 reference_name=ref[1] if ref else None,
-                                 extra_results=results)
-        png = plots.render_accuracy_vs_eps(
-            {f"PGD-xe ({args.pgd_steps} steps)": (diag.curve_eps, diag.curve_accuracy)},
-            title=f"{run_name}: robust accuracy vs eps", zero_line=R.ZERO_ACC_MAX,
-            marks=[diag.eps])
-        diag.plot = PNG_NAME
-        diag_json = diag.to_json()
-        diag_results = diag.results
-        verdict = diag.verdict
-
-    resolved = config.get("resolved", {})
-    model_info = {
-        "name": config.model, "dataset": config.dataset, "loss": config.get("loss"),
-        "alpha": config.get("alpha"), "num_classes": resolved.get("num_classes"),
-        "selection": args.selection or config.get("selection"),
-        "training_method": config.get("training", {}).get("method", "standard"),
-        "adversarial_training": bool(config.get("training", {}).get("adversarial", {})
-                                     .get("enabled", False)),
-        "config_name": config.get("name"),
-        "reference_workdir": args.reference_workdir,
-        # Which weights were attacked: reuse (experiments.reproduce) compares it.
-        "variables_sha256": variables_fingerprint(variables),
-    }
-    command = " ".join(shlex.quote(a) for a in ["python", "-m", "experiments.evaluate", *argv])
-    report = R.build_report(run=run_name, workdir=portable_path(args.workdir),
-                            command=command, model=model_info, data=data_info, evaluator=ev,
-                            results=results, diagnostics=diag_json, verdict=verdict,
-                            extra_results=diag_results)
-    jpath, mpath = R.write_report(args.out, report, extra_files={PNG_NAME: png} if png else None)
-    print(f"wrote {jpath} and {mpath}")
-    print(f"Verdict ({run_name}): {verdict}")
-    return report
+def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> dict[str, Any]:
+    """Runs the evaluation; returns the report (already written). ``argv`` is unused:
+    the report's command is rebuilt from the settings."""
+    report = evaluate_checkpoint(args.workdir, eval_config_from_args(args))
+    print(f"wrote {report.json_path} and {report.markdown_path}")
+    print(f"Verdict ({report['run']}): {report.verdict}")
+    return dict(report.document)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -349,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return cli.run_reporting_errors(evaluate, debug=args.debug)
+
+
+__all__ = ["PNG_NAME", "CLIError", "build_parser", "eval_config_from_args", "main", "run"]
 
 
 if __name__ == "__main__":

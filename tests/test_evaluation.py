@@ -16,8 +16,8 @@ from gce_jax.attacks import ATTACKS, draw_targets
 # Pinned on purpose: robustness.json is parsed by tables and plots downstream.
 # Changing these needs a SCHEMA_VERSION bump, not just an edit here.
 REPORT_KEYS = [
-    "schema_version", "run", "workdir", "created", "command", "git", "hardware",
-    "model", "data", "seed", "batch_size", "clean_accuracy", "results",
+    "schema_version", "run", "workdir", "created", "command", "eval_config_sha256", "git",
+    "hardware", "model", "data", "seed", "batch_size", "clean_accuracy", "results",
     "best_robust", "diagnostics", "verdict",
 ]
 RECORD_KEYS = [
@@ -242,7 +242,7 @@ def test_report_schema_is_stable_and_markdown_ends_with_verdict(tmp_path):
     jpath, mpath = R.write_report(str(tmp_path), report)
     loaded = json.load(open(jpath))
     assert list(loaded) == REPORT_KEYS
-    assert loaded["schema_version"] == 2
+    assert loaded["schema_version"] == 3
     assert all(list(r) == RECORD_KEYS for r in loaded["results"])
     assert {"platform", "devices"} <= set(loaded["hardware"])
     assert {"commit", "dirty"} <= set(loaded["git"])

@@ -26,3 +26,22 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert test_cmd in ci
     assert "pip install -r requirements.txt" in commands
     assert "python -m experiments.quickstart" in commands
+
+
+def test_readme_evaluation_example_names_the_real_api():
+    import dataclasses
+    import inspect
+
+    from experiments import evaluation_api
+    block = README.split("<!-- readme-eval-example")[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    compile(code, "README.md", "exec")  # runs an evaluation: checked, not executed
+    assert list(inspect.signature(evaluation_api.evaluate_checkpoint).parameters) == [
+        "workdir_or_weights", "eval_config"]
+    import ast
+    calls = [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", "") == "get_eval_config"]
+    assert calls and all(k.arg in evaluation_api.get_eval_config() for k in calls[0].keywords)
+    fields = {f.name for f in dataclasses.fields(evaluation_api.Report)}
+    for attr in re.findall(r"report\.(\w+)", code):
+        assert attr in fields or hasattr(evaluation_api.Report, attr), attr

@@ -1,8 +1,12 @@
 """experiments.reproduce end to end at smoke scale (tfds mock data)."""
 
 import json
+import os
+
+import pytest
 
 from experiments import reproduce
+from experiments.targets import common, table_md, tables
 
 
 def test_fig3_target_writes_table_json_and_png(tmp_path):
@@ -103,7 +107,7 @@ def test_pgd_table_rows_put_ours_beside_the_papers_and_mark_masking():
              "settings": {"steps": steps}}]}
     cols = {"adv_xe": report(0.8123, "no masking detected"),
             "adv_gce": report(0.5, "gradient masking suspected: square")}
-    lines = reproduce._pgd_table_md("mnist", {"mnist": {("pgd", 0.3): (83.67, 83.85)}}, cols,
+    lines = table_md.pgd_table_md("mnist", {"mnist": {("pgd", 0.3): (83.67, 83.85)}}, cols,
                                     ("adv_xe", "adv_gce"), steps_column=True)
     row = [l for l in lines if l.startswith("| PGD")][0]
     assert [c.strip() for c in row.strip("|").split("|")] == [
@@ -137,37 +141,108 @@ def test_bad_seeds_are_rejected_before_anything_is_written(tmp_path, capsys):
 
 def test_reduced_cw_budget_gets_its_own_evaluation_folder():
     args = reproduce.build_parser().parse_args(["--target", "table3", "--n_slow", "100"])
-    assert reproduce._slow_tag(args) == "jsma-cw-n100"  # the paper's budget: unchanged name
-    assert "--cw_steps" not in reproduce._eval_argv_slow(args)
+    assert tables.slow_tag(args) == "jsma-cw-n100"  # the paper's budget: unchanged name
+    assert tables._eval_config_slow(args)["cw_steps"] is None
     args = reproduce.build_parser().parse_args(["--target", "table3", "--n_slow", "100",
                                                 "--cw_steps", "200"])
-    assert reproduce._slow_tag(args) == "jsma-cw-n100-cw9x200"
-    assert reproduce._eval_argv_slow(args)[-2:] == ["--cw_steps", "200"]
+    assert tables.slow_tag(args) == "jsma-cw-n100-cw9x200"
+    assert tables._eval_config_slow(args)["cw_steps"] == 200
 
 
-def test_evaluations_are_reused_only_for_the_same_weights(tmp_path, monkeypatch):
-    from experiments import evaluate
+RUN_CONFIG = {"dataset": "mnist", "selection": "last",
+              "eval": {"pgd_eps": [0.1, 0.2, 0.3], "pgd_steps": 40, "pgd_step_size": 0.01}}
+
+
+@pytest.fixture
+def evaluated(tmp_path, monkeypatch):
+    """A run ``runs/r`` (config only, weights "aaa"), a stored report of
+    ``EVAL`` on it, and a fake ``evaluate_checkpoint`` that records its calls."""
+    from experiments import evaluation_api
     runs, out = tmp_path / "runs", tmp_path / "evals"
-    argv = ["--attacks", "fgsm", "--n", "8"]
-    workdir = str(runs / "r")
-    report = {"command": f"python -m experiments.evaluate --workdir {workdir} --out x "
-                         "--no_progress --attacks fgsm --n 8",
+    (runs / "r").mkdir(parents=True)
+    (runs / "r" / "config.json").write_text(json.dumps(RUN_CONFIG))
+    report = {"command": "python -m experiments.evaluate --workdir elsewhere",
+              "eval_config_sha256": evaluation_api.eval_config_sha256(EVAL, RUN_CONFIG),
               "model": {"variables_sha256": "aaa"}, "results": []}
-    (out / "r").mkdir(parents=True)
-    (out / "r" / "robustness.json").write_text(json.dumps(report))
     calls = []
-    monkeypatch.setattr(evaluate, "run", lambda parsed, args: calls.append(args) or {"new": 1})
-    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "aaa")
-    assert reproduce.evaluate_run("r", str(runs), str(out), argv) == report and not calls
-    # Retrained under the same name (other weights): evaluated again.
-    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "bbb")
-    assert reproduce.evaluate_run("r", str(runs), str(out), argv) == {"new": 1}
-    assert len(calls) == 1 and calls[0][:2] == ["--workdir", workdir]
+
+    def fake(workdir, config):
+        calls.append((workdir, config))
+        return evaluation_api.Report({"new": 1, "verdict": "v"}, "j", "m")
+
+    monkeypatch.setattr(evaluation_api, "evaluate_checkpoint", fake)
+    monkeypatch.setattr(common, "run_fingerprint", lambda w: "aaa")
+
+    def store(rep):
+        (out / "r").mkdir(parents=True, exist_ok=True)
+        (out / "r" / "robustness.json").write_text(json.dumps(rep))
+    store(report)
+    return {"runs": str(runs), "out": str(out), "report": report, "calls": calls,
+            "store": store}
+
+
+EVAL = {"attacks": "fgsm", "n": 8, "diagnostics": False}
+
+
+def test_same_settings_and_weights_are_reused(evaluated):
+    e = evaluated
+    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL) == e["report"]
+    # Where the report lies and how it ran (progress bars) do not matter.
+    assert reproduce.evaluate_run("r", e["runs"], e["out"], {**EVAL, "progress": True,
+                                                             "devices": 1}) == e["report"]
+    assert not e["calls"]
+
+
+def test_other_weights_are_evaluated_again(evaluated, monkeypatch):
+    e = evaluated
+    monkeypatch.setattr(common, "run_fingerprint", lambda w: "bbb")
+    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL) == {"new": 1, "verdict": "v"}
+    (workdir, config), = e["calls"]
+    assert workdir == os.path.join(e["runs"], "r") and config.out == os.path.join(e["out"], "r")
+    assert config.n == 8 and not config.progress
     # A report that records no weights is not trusted either.
-    del report["model"]["variables_sha256"]
-    (out / "r" / "robustness.json").write_text(json.dumps(report))
-    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "aaa")
-    assert reproduce.evaluate_run("r", str(runs), str(out), argv) == {"new": 1}
+    monkeypatch.setattr(common, "run_fingerprint", lambda w: "aaa")
+    del e["report"]["model"]["variables_sha256"]
+    e["store"](e["report"])
+    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL) == {"new": 1, "verdict": "v"}
+
+
+@pytest.mark.parametrize("change", [{"n": 9}, {"seed": 1}, {"eps": (0.1,)},
+                                    {"attacks": "fgsm,pgd"}, {"cw_steps": 10},
+                                    {"diagnostics": True}])
+def test_a_changed_setting_changes_the_hash_and_is_evaluated_again(evaluated, change):
+    from experiments.evaluation_api import eval_config_sha256
+    e = evaluated
+    assert eval_config_sha256({**EVAL, **change}, RUN_CONFIG) != e["report"]["eval_config_sha256"]
+    assert reproduce.evaluate_run("r", e["runs"], e["out"], {**EVAL, **change})["new"] == 1
+    assert len(e["calls"]) == 1
+
+
+def test_the_hash_is_of_the_resolved_settings():
+    from experiments.evaluation_api import eval_config_sha256
+    # The run's eps grid named or taken by default: the same evaluation.
+    assert (eval_config_sha256({"eps": (0.1, 0.2, 0.3)}, RUN_CONFIG)
+            == eval_config_sha256({}, RUN_CONFIG) == eval_config_sha256({"eps": "0.1,0.2,0.3"},
+                                                                         RUN_CONFIG))
+    other = {**RUN_CONFIG, "eval": {**RUN_CONFIG["eval"], "pgd_steps": 100}}
+    assert eval_config_sha256({}, other) != eval_config_sha256({}, RUN_CONFIG)
+    assert eval_config_sha256({"out": "a", "run_name": "b"}, RUN_CONFIG) == eval_config_sha256(
+        {}, RUN_CONFIG)
+
+
+def test_a_report_from_before_the_hash_is_matched_by_its_command(evaluated):
+    e = evaluated
+    legacy = {k: v for k, v in e["report"].items() if k != "eval_config_sha256"}
+    legacy["command"] = ("python -m experiments.evaluate --workdir runs/r --out x "
+                         "--no_progress --attacks fgsm --n 8 --no_diagnostics")
+    e["store"](legacy)
+    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL) == legacy
+    legacy["command"] = legacy["command"].replace("--n 8", "--n 16")
+    e["store"](legacy)
+    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL)["new"] == 1
+    legacy["command"] = "python -m experiments.evaluate --n x"  # unreadable: not reused
+    e["store"](legacy)
+    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL)["new"] == 1
 
 
 def test_variables_fingerprint_sees_values_shapes_and_names():
@@ -194,13 +269,13 @@ def test_jsma_and_cw_rows_get_targeted_success_and_distortion_columns():
         for v, s, d in (("xe", 0.66, 1.2345), ("gce", 0.261, None))}
     table = {"mnist": {("fgsm", 0.1): (78.32, 87.66), ("jsma", 0.25): (1.53, 26.24),
                        ("cw", 0.0): (0.0, 25.6)}}
-    rows = reproduce._attack_rows("mnist", table, reports, ("xe", "gce"))
-    lines = reproduce._success_table_md(rows, ("xe", "gce"))
+    rows = table_md.attack_rows("mnist", table, reports, ("xe", "gce"))
+    lines = table_md.success_table_md(rows, ("xe", "gce"))
     assert "accuracy under attack" in lines[1]
     body = [[c.strip() for c in l.strip("|").split("|")] for l in lines if l.startswith("| ")][1:]
     assert body == [["JSMA", "γ=0.25", "66.00", "L0 57.2", "26.10", "L0 57.2", "100"],
                     ["CW", "κ=0", "66.00", "L2 1.234", "26.10", "n/a", "100"]]
-    assert reproduce._success_table_md([r for r in rows if r[0] == "fgsm"], ("xe", "gce")) == []
+    assert table_md.success_table_md([r for r in rows if r[0] == "fgsm"], ("xe", "gce")) == []
 
 
 def test_reports_without_a_current_attack_setting_are_not_reused(tmp_path, monkeypatch):
@@ -215,15 +290,18 @@ def test_reports_without_a_current_attack_setting_are_not_reused(tmp_path, monke
     assert not reproduce.records_current_settings({"results": [
         {"attack": "jsma", "settings": {**old, "restarts": 1}}]})
     assert reproduce.records_current_settings({"results": [{"attack": "double", "settings": {}}]})
-    # evaluate_run: same command and weights, but JSMA has gained `margin` since.
-    workdir = str(tmp_path / "runs" / "r")
-    report = {"command": f"python -m experiments.evaluate --workdir {workdir} --out x "
-                         "--no_progress --attacks jsma --n 8",
-              "model": {"variables_sha256": "aaa"},
+    # evaluate_run: same settings and weights, but JSMA has gained `margin` since.
+    from experiments import evaluation_api
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "config.json").write_text(json.dumps(RUN_CONFIG))
+    settings = {"attacks": "jsma", "n": 8}
+    report = {"command": "", "model": {"variables_sha256": "aaa"},
+              "eval_config_sha256": evaluation_api.eval_config_sha256(settings, RUN_CONFIG),
               "results": [{"attack": "jsma", "settings": {**old, "restarts": 1}}]}
     (tmp_path / "evals" / "r").mkdir(parents=True)
     (tmp_path / "evals" / "r" / "robustness.json").write_text(json.dumps(report))
-    monkeypatch.setattr(evaluate, "run", lambda parsed, args: {"new": 1})
-    monkeypatch.setattr(reproduce, "run_fingerprint", lambda w: "aaa")
+    monkeypatch.setattr(evaluation_api, "evaluate_checkpoint",
+                        lambda w, c: evaluation_api.Report({"new": 1, "verdict": "v"}, "j", "m"))
+    monkeypatch.setattr(common, "run_fingerprint", lambda w: "aaa")
     assert reproduce.evaluate_run("r", str(tmp_path / "runs"), str(tmp_path / "evals"),
-                                  ["--attacks", "jsma", "--n", "8"]) == {"new": 1}
+                                  settings)["new"] == 1

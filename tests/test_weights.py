@@ -118,3 +118,12 @@ def test_evaluate_runs_on_a_published_folder(run, tmp_path):
     assert rc == 0
     report = json.loads((out / "robustness.json").read_text())
     assert report["model"]["variables_sha256"] == manifest["variables_sha256"]
+    # The library call on the same folder gives the same numbers.
+    from experiments.evaluation_api import evaluate_checkpoint, get_eval_config
+    lib = evaluate_checkpoint(str(pub), get_eval_config(
+        attacks="fgsm", eps=(0.1,), n=16, diagnostics=False, progress=False,
+        out=str(tmp_path / "lib")))
+    assert lib.variables_sha256 == manifest["variables_sha256"]
+    assert lib.eval_config_sha256 == report["eval_config_sha256"]
+    assert [r["robust_accuracy"] for r in lib.results] == [
+        r["robust_accuracy"] for r in report["results"]]

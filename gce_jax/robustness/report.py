@@ -23,12 +23,14 @@ from gce_jax.robustness.specs import EvaluationError, to_jsonable
 
 # 2: success_rate / num_success / targeted / mean_l0 added; mean_l2 is over
 # the successful examples (v1: over all examples, failures counted as 0).
-SCHEMA_VERSION = 2
+# 3: eval_config_sha256 added (the settings' hash that reuse compares).
+SCHEMA_VERSION = 3
 
 # Top-level keys of robustness.json. Tests pin these: downstream tables and
 # plots parse the file, so change them only with a SCHEMA_VERSION bump.
 REPORT_KEYS = (
-    "schema_version", "run", "workdir", "created", "command", "git", "hardware",
+    "schema_version", "run", "workdir", "created", "command", "eval_config_sha256", "git",
+    "hardware",
     "model", "data", "seed", "batch_size", "clean_accuracy", "results",
     "best_robust", "diagnostics", "verdict",
 )
@@ -41,11 +43,14 @@ ATTACK_COLUMNS = ("attack", "threat", "norm", "eps", "loss", "robust acc %", "su
 def build_report(*, run: str, workdir: str, command: str, model: Mapping[str, Any],
                  data: Mapping[str, Any], evaluator: Evaluator,
                  results: Sequence[AttackResult], diagnostics: Mapping[str, Any] | None,
-                 verdict: str, extra_results: Sequence[AttackResult] = ()) -> dict[str, Any]:
+                 verdict: str, extra_results: Sequence[AttackResult] = (),
+                 eval_config_sha256: str | None = None) -> dict[str, Any]:
     """The robustness.json document (keys: REPORT_KEYS, records: RECORD_KEYS).
 
     ``extra_results`` (e.g. the diagnostics' attacks) join ``best_robust``
-    but not the ``results`` table.
+    but not the ``results`` table. ``eval_config_sha256`` identifies the
+    settings (``experiments.evaluation_api.eval_config_sha256``); None when
+    the caller has no such config.
     """
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -53,6 +58,7 @@ def build_report(*, run: str, workdir: str, command: str, model: Mapping[str, An
         "workdir": workdir,
         "created": now_iso(),
         "command": command,
+        "eval_config_sha256": eval_config_sha256,
         "git": git_info(),
         "hardware": hardware_info(),
         "model": dict(model),

@@ -1,0 +1,106 @@
+"""experiments.evaluation_api: evaluate_checkpoint is the CLI's evaluation, as a call."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from experiments import evaluate, evaluation_api as api
+from gce_jax import robustness as R
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 1-epoch LeNet-5 on digits (resized to 28x28), trained by gce_jax.train."""
+    from experiments.configs import default
+    from gce_jax import train
+    c = default.get_config()
+    c.model, c.dataset, c.loss = "lenet5", "digits", "xe"
+    c.data.resize = (28, 28)
+    c.data.val_size = 0
+    c.optimizer.name, c.optimizer.learning_rate = "adam", 3e-3
+    c.batch_size, c.epochs, c.progress_bar = 64, 1, False
+    c.eval.pgd_eps = (0.1, 0.2)
+    wd = str(tmp_path_factory.mktemp("runs") / "digits_lenet5_xe")
+    train.train_and_evaluate(c, wd)
+    return wd
+
+
+def _comparable(report: dict) -> dict:
+    """The report without what differs between two runs of one evaluation (times)."""
+    out = {k: v for k, v in report.items() if k != "created"}
+    out["results"] = [{k: v for k, v in r.items() if k != "wall_time_s"}
+                      for r in report["results"]]
+    return out
+
+
+def test_every_flag_is_a_field_and_the_defaults_agree():
+    args = evaluate.build_parser().parse_args(["--workdir", "w"])
+    assert evaluate.eval_config_from_args(args).to_dict() == api.get_eval_config().to_dict()
+    flags = set(vars(args)) - {"workdir", "debug", "verbosity"}
+    fields = {api.NEGATED_FLAGS.get(f, f"--{f}").lstrip("-") for f in api.get_eval_config()}
+    assert flags == fields
+
+
+def test_unknown_or_bad_settings_raise_before_anything_is_read(tmp_path):
+    with pytest.raises(api.EvalConfigError, match="unknown eval settings"):
+        api.get_eval_config(epsilon=0.1)
+    out = tmp_path / "out"
+    for bad, message in (({"eps": (0.1, 2)}, "--eps must be <= 1"),
+                         ({"attacks": "pgd,nope"}, "unknown attack 'nope'"),
+                         ({"n": 0}, "--n must be > 0"), ({"selection": "best"}, "--selection")):
+        with pytest.raises(api.EvalConfigError, match=message):
+            api.evaluate_checkpoint(str(tmp_path / "nope"), api.get_eval_config(**bad, out=str(out)))
+    with pytest.raises(api.EvalConfigError, match="does not exist"):
+        api.evaluate_checkpoint(str(tmp_path / "nope"), api.get_eval_config(out=str(out)))
+    assert not out.exists()
+
+
+def test_command_names_the_settings_that_differ_from_the_defaults():
+    cfg = api.get_eval_config(attacks=["fgsm", "pgd:margin"], eps="0.1,0.2", n=16,
+                              diagnostics=False, progress=False, out="results/x")
+    cmd = api.eval_command("runs/r", cfg)
+    assert cmd.startswith("python -m experiments.evaluate --workdir runs/r ")
+    args = evaluate.build_parser().parse_args(cmd.split()[3:])
+    assert (api.normalize_eval_config(evaluate.eval_config_from_args(args)).to_dict()
+            == api.normalize_eval_config(cfg).to_dict())
+    assert api.eval_command("runs/r", api.get_eval_config()) == (
+        "python -m experiments.evaluate --workdir runs/r")
+
+
+@pytest.mark.slow
+def test_library_call_returns_the_report_the_cli_writes(tiny_run, tmp_path, capsys):
+    out = tmp_path / "res"
+    argv = ["--workdir", tiny_run, "--attacks", "fgsm,pgd", "--eps", "0.05", "0.1", "--n", "48",
+            "--seed", "2", "--pgd_steps", "5", "--no_diagnostics", "--no_progress",
+            "--out", str(out)]
+    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    from_cli = json.loads((out / "robustness.json").read_text())
+    cfg = api.get_eval_config(attacks=("fgsm", "pgd"), eps=(0.05, 0.1), n=48, seed=2,
+                              pgd_steps=5, diagnostics=False, progress=False, out=str(out))
+    report = api.evaluate_checkpoint(tiny_run, cfg)
+    assert isinstance(report, api.Report) and list(report) == list(R.REPORT_KEYS)
+    assert _comparable(report.to_dict()) == _comparable(from_cli)
+    assert report.json_path == str(out / "robustness.json")
+    assert (out / "robustness.json").read_text() == R.report_to_json(report.document)
+    # The report names its settings' hash and how to rerun it.
+    from gce_jax.train import load_config
+    assert report.eval_config_sha256 == api.eval_config_sha256(cfg, load_config(tiny_run))
+    assert report["command"] == api.eval_command(tiny_run, cfg)
+    assert report.verdict.startswith("inconclusive: diagnostics not run")
+    assert report.variables_sha256 == from_cli["model"]["variables_sha256"]
+
+
+@pytest.mark.slow
+def test_reproduce_reuses_a_real_evaluation_and_redoes_a_changed_one(tiny_run, tmp_path):
+    from experiments import reproduce
+    runs_dir, name = os.path.split(tiny_run)
+    settings = {"attacks": "fgsm", "eps": (0.1,), "n": 32, "diagnostics": False}
+    first = reproduce.evaluate_run(name, runs_dir, str(tmp_path), settings)
+    again = reproduce.evaluate_run(name, runs_dir, str(tmp_path), settings)
+    assert again == first  # reused: the stored document, same creation time
+    changed = reproduce.evaluate_run(name, runs_dir, str(tmp_path), {**settings, "seed": 1})
+    assert changed["seed"] == 1 and changed["eval_config_sha256"] != first["eval_config_sha256"]
+    assert changed["model"]["variables_sha256"] == first["model"]["variables_sha256"]
