@@ -9,23 +9,7 @@ import pytest
 
 from experiments import evaluate, evaluation_api as api
 from gce_jax import robustness as R
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 1-epoch LeNet-5 on digits (resized to 28x28), trained by gce_jax.train."""
-    from experiments.configs import default
-    from gce_jax import train
-    c = default.get_config()
-    c.model, c.dataset, c.loss = "lenet5", "digits", "xe"
-    c.data.resize = (28, 28)
-    c.data.val_size = 0
-    c.optimizer.name, c.optimizer.learning_rate = "adam", 3e-3
-    c.batch_size, c.epochs, c.progress_bar = 64, 1, False
-    c.eval.pgd_eps = (0.1, 0.2)
-    wd = str(tmp_path_factory.mktemp("runs") / "digits_lenet5_xe")
-    train.train_and_evaluate(c, wd)
-    return wd
+from test_evaluation import tiny_run  # noqa: F401  (the 1-epoch LeNet-5 fixture)
 
 
 def _comparable(report: dict) -> dict:
