@@ -20,6 +20,7 @@ waits for.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import json
@@ -326,3 +327,11 @@ def torch_available() -> bool:
 
 def say(msg: str = "") -> None:
     print(msg, flush=True)
+
+
+def size_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first line, ``--quick`` and ``--smoke``."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    return p

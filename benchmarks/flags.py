@@ -18,10 +18,9 @@ uses on this jaxlib):
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from benchmarks._harness import WorkerCase, hardware_line, measure, say, table
+from benchmarks._harness import WorkerCase, hardware_line, measure, say, size_parser, table
 
 SETTINGS: dict[str, dict[str, str]] = {
     "default": {},
@@ -42,9 +41,7 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--smoke", action="store_true")
+    p = size_parser(__doc__)
     p.add_argument("--settings", nargs="*", default=None, choices=tuple(SETTINGS))
     args = p.parse_args(argv)
     names = args.settings or (("default", "PJRT_NPROC=1") if args.smoke else tuple(SETTINGS))

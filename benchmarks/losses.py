@@ -16,13 +16,13 @@
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from benchmarks._harness import StepCase, WorkerCase, hardware_line, measure, say, table
+from benchmarks._harness import (StepCase, WorkerCase, hardware_line, measure, say,
+                                 size_parser, table)
 from benchmarks.training import step_case
 from gce_jax.losses import cross_entropy, guided_complement_entropy
 
@@ -100,9 +100,7 @@ def step_tables(args) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--smoke", action="store_true")
+    p = size_parser(__doc__)
     p.add_argument("--single-thread", action="store_true",
                    help="also time each loss in a PJRT_NPROC=1 worker")
     args = p.parse_args(argv)

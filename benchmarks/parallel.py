@@ -25,7 +25,6 @@ must equal the 1-device set.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
@@ -33,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks._harness import StepCase, WorkerCase, hardware_line, measure, say, table
+from benchmarks._harness import (StepCase, WorkerCase, hardware_line, measure, say,
+                                 size_parser, table)
 from experiments.configs import mnist_lenet5
 from gce_jax import parallel, train
 
@@ -158,9 +158,7 @@ def evaluation_case(name: str = "eval", devices: int = 1, batch: int = 500,
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--smoke", action="store_true")
+    p = size_parser(__doc__)
     p.add_argument("--devices", type=int, nargs="*", default=[1, 2, 4])
     p.add_argument("--check-steps", type=int, default=3)
     args = p.parse_args(argv)

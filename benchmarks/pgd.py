@@ -18,13 +18,12 @@ ratio to iterations x fwd+bwd) on the default model.
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks._harness import (FnCase, WorkerCase, hardware_line, measure, say, table,
-                                 torch_available)
+from benchmarks._harness import (FnCase, WorkerCase, hardware_line, measure, say,
+                                 size_parser, table, torch_available)
 from gce_jax import attacks as A
 from gce_jax.models import get_model, logits_fn
 
@@ -61,9 +60,7 @@ def pgd_case(name: str = "pgd", conv_impl: str = "auto", batch: int = 500, steps
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--smoke", action="store_true")
+    p = size_parser(__doc__)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--attack-table", action="store_true",
                    help="also run benchmarks/attacks.py (all attacks)")

@@ -212,6 +212,16 @@ def draw_targets(key: Array, y: Array, num_classes: int, example_offset: Any = 0
     return (y + shift) % num_classes
 
 
+def given_or_drawn_targets(targets: Any, key: Array | None, y: Array, num_classes: int,
+                           example_offset: Any = 0, *, attack: str) -> Array:
+    """``targets`` range-checked like labels, or, when None, :func:`draw_targets`."""
+    if targets is None:
+        if key is None:
+            raise ValueError(f"{attack} needs targets or a key to draw them")
+        return draw_targets(key, y, num_classes, example_offset)
+    return check_labels(targets, y.shape[0], num_classes, name="targets")
+
+
 def num_classes(fn: LogitsFn, x: Array) -> int:
     """Number of logits, from an abstract evaluation (no FLOPs)."""
     return int(jax.eval_shape(fn, x[:1]).shape[-1])

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, check_inputs,
-                                     check_labels, check_scalar, draw_targets, finish,
-                                     num_classes, run_chunked, working_precision)
+                                     check_scalar, finish, given_or_drawn_targets, num_classes,
+                                     run_chunked, working_precision)
 
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 _NO_BOUND = 1e10
@@ -185,13 +185,8 @@ def carlini_wagner_l2(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None 
     check_scalar("initial_const", initial_const, positive=True)
     check_scalar("learning_rate", learning_rate, positive=True)
     if targeted:
-        k = num_classes(fn, x)
-        if targets is None:
-            if key is None:
-                raise ValueError("a targeted C&W attack needs targets or a key")
-            labels = draw_targets(key, y, k, example_offset)
-        else:
-            labels = check_labels(targets, x.shape[0], k, name="targets")
+        labels = given_or_drawn_targets(targets, key, y, num_classes(fn, x), example_offset,
+                                        attack="a targeted C&W attack")
     else:
         if targets is not None:
             raise ValueError("targets given but targeted=False")

@@ -48,8 +48,8 @@ import jax
 import jax.numpy as jnp
 
 from gce_jax.attacks._common import (Array, LogitsFn, as_partial, check_inputs,
-                                     check_labels, check_scalar, draw_targets, finish,
-                                     num_classes, run_chunked, working_precision)
+                                     check_scalar, finish, given_or_drawn_targets, num_classes,
+                                     run_chunked, working_precision)
 
 # Pair scores per step of the chunked search (examples x rows x N). They are
 # normally fused into a reduction and never stored; the bound keeps memory
@@ -203,13 +203,8 @@ def jsma(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
     check_scalar("margin", margin)
     if not margin < 1.0:
         raise ValueError(f"margin must be < 1 (no feature could move), got {margin}")
-    k = num_classes(fn, x)
-    if targets is None:
-        if key is None:
-            raise ValueError("jsma needs targets or a key to draw them")
-        targets = draw_targets(key, y, k, example_offset)
-    else:
-        targets = check_labels(targets, x.shape[0], k, name="targets")
+    targets = given_or_drawn_targets(targets, key, y, num_classes(fn, x), example_offset,
+                                     attack="jsma")
     n = math.prod(x.shape[1:])
     max_iters = max_iterations(gamma, n)
     rows = n if n * n <= PAIR_BUDGET else max(1, PAIR_BUDGET // n)
