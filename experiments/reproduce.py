@@ -12,6 +12,16 @@ gradient-masking diagnostics included) and writes ``results/<target>/``:
 ``<target>.md`` (our number beside the paper's, same rows and columns),
 ``<target>.json`` and the PNGs.
 
+Published weights: a run whose folder ``weights/<run>`` (``--weights_dir``)
+holds the same recipe's model is evaluated from it, not retrained.
+
+A user's data set (registered, or described by its recipe's ``data.format``)
+gets Tables 2, 3, 5 and Figure 1 with ``--datasets NAME --recipe NAME=CONFIG.py``,
+where ``CONFIG.py`` defines ``get_config(variant)`` for the variants ``xe``,
+``gce`` and ``cot`` (as ``experiments/configs/mnist_lenet5.py`` does); its
+tables have no paper column to compare with, and take their radii from the
+recipe's ``eval.pgd_eps``.
+
 Budgets: ``--budget paper`` uses the paper's schedules; ``--budget reduced``
 uses the documented CPU budgets in ``REDUCED`` and labels every number
 "reduced". ``--mock_data`` runs any target on ``tfds.testing.mock_data``
@@ -29,9 +39,10 @@ from typing import Sequence
 from experiments import cli
 # The targets' modules; their shared pieces are re-exported here, where scripts
 # and tests have always found them.
-from experiments.targets.common import (ALPHAS, REDUCED, evaluate_run, make_run,  # noqa: F401
-                                        records_current_settings, run_fingerprint,
-                                        stored_config_hash, train_run, why_not_reuse)
+from experiments.targets.common import (ALPHAS, REDUCED, evaluate_run,  # noqa: F401
+                                        load_recipe, make_run, records_current_settings,
+                                        run_fingerprint, stored_config_hash, train_run,
+                                        why_not_reuse)
 from experiments.targets.figures import fig2, fig3, tsne_target
 from experiments.targets.table_md import find_record, mean_std, pct  # noqa: F401
 from experiments.targets.tables import table2, table3, table4, table5, table6
@@ -41,6 +52,8 @@ TARGET_DATASETS = {"table2": ("mnist", "cifar10", "cifar100", "tiny_imagenet"),
                    "table5": ("mnist", "cifar10"), "table6": ("mnist", "cifar10"),
                    "fig1": ("mnist", "cifar10"), "fig4": ("mnist", "cifar10"),
                    "fig2": (), "fig3": ()}
+# Targets that need nothing of a data set beyond its recipe (no paper radii).
+USER_DATASET_TARGETS = ("table2", "table3", "table5", "fig1")
 TARGETS = {"table2": table2, "table3": table3, "table4": table4, "table5": table5,
            "table6": table6, "fig1": lambda a: tsne_target("fig1", a),
            "fig4": lambda a: tsne_target("fig4", a), "fig2": fig2, "fig3": fig3}
@@ -70,6 +83,20 @@ def parse_seeds(specs: Sequence[str], datasets: Sequence[str]) -> dict[str, list
     return {ds: override.get(ds, default) for ds in datasets}
 
 
+def parse_recipes(specs: Sequence[str]) -> dict[str, str]:
+    """``["shapes=my/shapes.py"]`` -> ``{"shapes": "my/shapes.py"}``."""
+    out = {}
+    for spec in specs:
+        ds, sep, recipe = spec.partition("=")
+        if not sep or not ds or not recipe:
+            raise ValueError(f"{spec!r} is not DATASET=CONFIG (a .py file or a module of "
+                             "experiments/configs)")
+        if ds in out:
+            raise ValueError(f"{ds!r} has two recipes")
+        out[ds] = recipe
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", action="append", default=None, metavar="[DATASET=]S,S,...",
                    help="training seeds, a comma list (default 0); repeat with a DATASET= "
                         "prefix to override one data set, e.g. --seeds 0,1,2 --seeds cifar10=0")
+    p.add_argument("--recipe", action="append", default=None, metavar="DATASET=CONFIG",
+                   help="the config that trains DATASET's models: a .py file with "
+                        "get_config(variant), or a module of experiments/configs; needed for "
+                        "a data set without a built-in recipe")
     p.add_argument("--runs_dir", default="runs")
+    p.add_argument("--weights_dir", default="weights",
+                   help="published weights (gce_jax.weights) used instead of training where "
+                        "they hold the same recipe's model; '' to always train")
     p.add_argument("--results_dir", default="results")
     p.add_argument("--data_root", default=os.path.join("..", "shared", "data"),
                    help="folder with offline copies (mnist/, cifar10-jpeg.tar.gz); '' for tfds")
@@ -108,10 +142,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     cli.set_log_verbosity(args.verbosity)
     known = TARGET_DATASETS[args.target]
+    try:
+        args.recipes = parse_recipes(args.recipe or [])
+    except ValueError as e:
+        print(f"error: --recipe: {e}", file=sys.stderr)
+        return 2
     args.datasets = args.datasets.split(",") if args.datasets else list(known)
-    bad = [d for d in args.datasets if d not in known]
+    user_ok = args.target in USER_DATASET_TARGETS
+    bad = [d for d in args.datasets if d not in known and not (user_ok and d in args.recipes)]
     if bad:
-        print(f"error: {args.target} covers {list(known)}, not {bad}", file=sys.stderr)
+        extra = (" (another data set needs --recipe NAME=CONFIG.py)" if user_ok else "")
+        print(f"error: {args.target} covers {list(known)}{extra}, not {bad}", file=sys.stderr)
+        return 2
+    if unused := sorted(set(args.recipes) - set(args.datasets)):
+        print(f"error: --recipe for {unused}, which --datasets does not name", file=sys.stderr)
         return 2
     try:
         args.seeds = parse_seeds(args.seeds or ["0"], args.datasets)
@@ -124,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --{flag} must be >= 1", file=sys.stderr)
             return 2
     args.data_root = args.data_root or None
+    args.weights_dir = args.weights_dir or None
     root = os.path.join(args.results_dir, "mock") if args.mock_data else args.results_dir
     args.out_dir = os.path.join(root, args.target)
     args.eval_dir = os.path.join(root, "evaluations")
@@ -134,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
 
     def run() -> int:
+        for ds, recipe in args.recipes.items():  # a bad recipe fails before any training
+            config = load_recipe(ds, recipe).get_config("xe")
+            if config.dataset != ds:
+                raise cli.UserError(f"--recipe {ds}={recipe} trains dataset={config.dataset!r}")
         ctx = contextlib.nullcontext()
         if args.mock_data:
             import tensorflow_datasets as tfds

@@ -823,7 +823,8 @@ def _check_finite(m: dict, epoch: int) -> None:
             "Lower the learning rate or check the data/loss configuration.")
 
 
-def _config_to_dict(config: ml_collections.ConfigDict) -> dict:
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    """``config`` as the JSON dict a run's config.json holds."""
     return json.loads(config.to_json_best_effort())
 
 
@@ -1085,7 +1086,7 @@ def _refuse_changed_config(config: ml_collections.ConfigDict, workdir: str,
     """The run's saved config (None for a new run); ConfigError on a refused change."""
     old_config = read_run_config(workdir) if trained else None
     if old_config is not None:
-        resume_changes(old_config, _config_to_dict(config), trained[-1], workdir)
+        resume_changes(old_config, config_to_dict(config), trained[-1], workdir)
     return old_config
 
 
@@ -1118,7 +1119,7 @@ def _build_run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
 
 def _run_config(run: _Run, old_config: dict | None, trained: list[int]) -> tuple[dict, dict]:
     """``(config.json's content, the changes a resume records)``."""
-    run_config = _config_to_dict(run.config)
+    run_config = config_to_dict(run.config)
     # What load_for_eval needs to rebuild the model without the data.
     run_config["resolved"] = {
         "dataset": data_lib.dataset_from_config(run.config).to_dict(),

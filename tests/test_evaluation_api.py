@@ -80,11 +80,10 @@ def test_library_call_returns_the_report_the_cli_writes(tiny_run, tmp_path, caps
 @pytest.mark.slow
 def test_reproduce_reuses_a_real_evaluation_and_redoes_a_changed_one(tiny_run, tmp_path):
     from experiments import reproduce
-    runs_dir, name = os.path.split(tiny_run)
     settings = {"attacks": "fgsm", "eps": (0.1,), "n": 32, "diagnostics": False}
-    first = reproduce.evaluate_run(name, runs_dir, str(tmp_path), settings)
-    again = reproduce.evaluate_run(name, runs_dir, str(tmp_path), settings)
+    first = reproduce.evaluate_run(tiny_run, str(tmp_path), settings)
+    again = reproduce.evaluate_run(tiny_run, str(tmp_path), settings)
     assert again == first  # reused: the stored document, same creation time
-    changed = reproduce.evaluate_run(name, runs_dir, str(tmp_path), {**settings, "seed": 1})
+    changed = reproduce.evaluate_run(tiny_run, str(tmp_path), {**settings, "seed": 1})
     assert changed["seed"] == 1 and changed["eval_config_sha256"] != first["eval_config_sha256"]
     assert changed["model"]["variables_sha256"] == first["model"]["variables_sha256"]

@@ -186,9 +186,9 @@ EVAL = {"attacks": "fgsm", "n": 8, "diagnostics": False}
 
 def test_same_settings_and_weights_are_reused(evaluated):
     e = evaluated
-    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL) == e["report"]
+    assert reproduce.evaluate_run(os.path.join(e["runs"], "r"), e["out"], EVAL) == e["report"]
     # Where the report lies and how it ran (progress bars) do not matter.
-    assert reproduce.evaluate_run("r", e["runs"], e["out"], {**EVAL, "progress": True,
+    assert reproduce.evaluate_run(os.path.join(e["runs"], "r"), e["out"], {**EVAL, "progress": True,
                                                              "devices": 1}) == e["report"]
     assert not e["calls"]
 
@@ -196,7 +196,7 @@ def test_same_settings_and_weights_are_reused(evaluated):
 def test_other_weights_are_evaluated_again(evaluated, monkeypatch):
     e = evaluated
     monkeypatch.setattr(common, "run_fingerprint", lambda w: "bbb")
-    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL) == {"new": 1, "verdict": "v"}
+    assert reproduce.evaluate_run(os.path.join(e["runs"], "r"), e["out"], EVAL) == {"new": 1, "verdict": "v"}
     (workdir, config), = e["calls"]
     assert workdir == os.path.join(e["runs"], "r") and config.out == os.path.join(e["out"], "r")
     assert config.n == 8 and not config.progress
@@ -204,7 +204,7 @@ def test_other_weights_are_evaluated_again(evaluated, monkeypatch):
     monkeypatch.setattr(common, "run_fingerprint", lambda w: "aaa")
     del e["report"]["model"]["variables_sha256"]
     e["store"](e["report"])
-    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL) == {"new": 1, "verdict": "v"}
+    assert reproduce.evaluate_run(os.path.join(e["runs"], "r"), e["out"], EVAL) == {"new": 1, "verdict": "v"}
 
 
 @pytest.mark.parametrize("change", [{"n": 9}, {"seed": 1}, {"eps": (0.1,)},
@@ -214,7 +214,7 @@ def test_a_changed_setting_changes_the_hash_and_is_evaluated_again(evaluated, ch
     from experiments.evaluation_api import eval_config_sha256
     e = evaluated
     assert eval_config_sha256({**EVAL, **change}, RUN_CONFIG) != e["report"]["eval_config_sha256"]
-    assert reproduce.evaluate_run("r", e["runs"], e["out"], {**EVAL, **change})["new"] == 1
+    assert reproduce.evaluate_run(os.path.join(e["runs"], "r"), e["out"], {**EVAL, **change})["new"] == 1
     assert len(e["calls"]) == 1
 
 
@@ -236,13 +236,13 @@ def test_a_report_from_before_the_hash_is_matched_by_its_command(evaluated):
     legacy["command"] = ("python -m experiments.evaluate --workdir runs/r --out x "
                          "--no_progress --attacks fgsm --n 8 --no_diagnostics")
     e["store"](legacy)
-    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL) == legacy
+    assert reproduce.evaluate_run(os.path.join(e["runs"], "r"), e["out"], EVAL) == legacy
     legacy["command"] = legacy["command"].replace("--n 8", "--n 16")
     e["store"](legacy)
-    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL)["new"] == 1
+    assert reproduce.evaluate_run(os.path.join(e["runs"], "r"), e["out"], EVAL)["new"] == 1
     legacy["command"] = "python -m experiments.evaluate --n x"  # unreadable: not reused
     e["store"](legacy)
-    assert reproduce.evaluate_run("r", e["runs"], e["out"], EVAL)["new"] == 1
+    assert reproduce.evaluate_run(os.path.join(e["runs"], "r"), e["out"], EVAL)["new"] == 1
 
 
 def test_variables_fingerprint_sees_values_shapes_and_names():
@@ -303,5 +303,46 @@ def test_reports_without_a_current_attack_setting_are_not_reused(tmp_path, monke
     monkeypatch.setattr(evaluation_api, "evaluate_checkpoint",
                         lambda w, c: evaluation_api.Report({"new": 1, "verdict": "v"}, "j", "m"))
     monkeypatch.setattr(common, "run_fingerprint", lambda w: "aaa")
-    assert reproduce.evaluate_run("r", str(tmp_path / "runs"), str(tmp_path / "evals"),
+    assert reproduce.evaluate_run(str(tmp_path / "runs" / "r"), str(tmp_path / "evals"),
                                   settings)["new"] == 1
+
+
+# ------------------------------------------------------------------ published weights
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")
+XE_S0 = os.path.join(REPO, "weights", "mnist_lenet5_xe_s0")
+
+
+@pytest.mark.skipif(not os.path.isdir(XE_S0), reason="no published weights")
+def test_published_weights_stand_in_only_for_the_same_recipe(tmp_path):
+    name, config = reproduce.make_run("mnist", "xe", seed=0, alpha_label=None, budget="paper",
+                                      data_root=os.path.join("..", "shared", "data"), mock=False)
+    assert name == os.path.basename(XE_S0)
+    assert common.why_not_published(XE_S0, config) is None
+    config.data.data_dir = "/elsewhere/mnist"  # where the data lie does not matter
+    assert common.why_not_published(XE_S0, config) is None
+    other = reproduce.make_run("mnist", "xe", seed=1, alpha_label=None, budget="paper",
+                               data_root=None, mock=False)[1]
+    assert "seed 0 -> 1" in common.why_not_published(XE_S0, other)
+    config.epochs = 3
+    assert "trained for 20 epochs" in common.why_not_published(XE_S0, config)
+    config.epochs, config.optimizer.learning_rate = 20, 0.1
+    assert "optimizer.learning_rate" in common.why_not_published(XE_S0, config)
+    summary = common.published_summary(XE_S0)
+    metrics = [json.loads(l) for l in open(os.path.join(XE_S0, "metrics.jsonl"))]
+    assert summary["test_acc"] == metrics[summary["selected_epoch"] - 1]["test_acc"]
+    assert summary["epochs_completed"] == 20 and summary["published"] == XE_S0
+
+
+@pytest.mark.skipif(not (os.path.isdir(XE_S0) and os.path.isdir(MNIST)),
+                    reason="no published weights or no local MNIST")
+def test_reproduce_runs_on_published_weights_without_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # the published configs name the data relative to the repository
+    argv = ["--target", "fig1", "--datasets", "mnist", "--n_tsne", "60",
+            "--runs_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results")]
+    assert reproduce.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mnist_lenet5_xe_s0: published weights weights/mnist_lenet5_xe_s0" in out
+    assert "[reproduce] train" not in out and not (tmp_path / "runs").exists()
+    scores = json.loads((tmp_path / "results" / "fig1" / "fig1.json").read_text())["mnist"]
+    assert set(scores["scores"]) == {"XE", "GCE"}

@@ -1,8 +1,10 @@
 """What every target shares: its training runs, its evaluations and its output files.
 
-* runs: :func:`make_run` (the paper's config of one table cell, with the CPU
-  budgets of :data:`REDUCED` and ``--mock_data``) and :func:`train_run`
-  (a finished run is reused: training resumes and has nothing left to do);
+* runs: :func:`make_run` (the config of one table cell: the data set's recipe,
+  a built-in ``experiments/configs`` module or a user's config file, with the
+  CPU budgets of :data:`REDUCED` and ``--mock_data``) and :func:`train_run`
+  (published weights of the same recipe are used as they are; a finished run
+  is reused: training resumes and has nothing left to do);
 * evaluations: :func:`evaluate_run` calls
   ``experiments.evaluation_api.evaluate_checkpoint`` and reuses a stored report
   iff its settings' hash and the weights match (:func:`why_not_reuse`);
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import shlex
@@ -74,11 +77,38 @@ def _fake_tiny_imagenet() -> str:
     return root
 
 
+def load_recipe(dataset: str, recipe: str | None = None):
+    """The config module that trains ``dataset``'s models: ``recipe`` (a module of
+    ``experiments/configs`` by name, or a path to a ``.py`` file defining
+    ``get_config(variant)``), by default the built-in one of :data:`CONFIG_MODULES`."""
+    if recipe is None:
+        if dataset not in CONFIG_MODULES:
+            raise cli.UserError(f"no built-in recipe for data set {dataset!r}; give one with "
+                                f"--recipe {dataset}=CONFIG.py")
+        recipe = CONFIG_MODULES[dataset]
+    if not recipe.endswith(".py"):
+        return importlib.import_module(f"experiments.configs.{recipe}")
+    if not os.path.isfile(recipe):
+        raise cli.UserError(f"--recipe {dataset}={recipe}: no such file")
+    spec = importlib.util.spec_from_file_location(
+        f"_recipe_{dataset.replace('.', '_').replace('-', '_')}", recipe)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 -- a user's file: one line, not a traceback
+        raise cli.UserError(f"--recipe {dataset}={recipe}: {cli.error_line(e)}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise cli.UserError(f"--recipe {dataset}={recipe} defines no get_config(variant)")
+    return module
+
+
 def make_run(dataset: str, variant: str, *, seed: int, alpha_label: str | None, budget: str,
-             data_root: str | None, mock: bool):
-    """``(run_name, config)`` for one training run of a table."""
-    module = importlib.import_module(f"experiments.configs.{CONFIG_MODULES[dataset]}")
-    config = module.get_config(variant)
+             data_root: str | None, mock: bool, recipe: str | None = None):
+    """``(run_name, config)`` for one training run of a table (``recipe``: see
+    :func:`load_recipe`)."""
+    config = load_recipe(dataset, recipe).get_config(variant)
+    if config.dataset != dataset:
+        raise cli.UserError(f"the recipe for {dataset!r} trains dataset={config.dataset!r}")
     name = config.name
     if alpha_label is not None and alpha_label != "1/3":
         config.alpha = ALPHAS[alpha_label]
@@ -110,18 +140,92 @@ def make_run(dataset: str, variant: str, *, seed: int, alpha_label: str | None, 
     return f"{name}_s{seed}", config
 
 
-def train_run(name: str, config, runs_dir: str) -> dict:
+def train_cell(args, dataset: str, variant: str, seed: int, alpha_label: str | None = None
+               ) -> dict:
+    """:func:`make_run` + :func:`train_run` with ``experiments.reproduce``'s parsed
+    arguments; the metrics carry the run's ``name`` and ``workdir``."""
+    name, config = make_run(dataset, variant, seed=seed, alpha_label=alpha_label,
+                            budget=args.budget, data_root=args.data_root, mock=args.mock_data,
+                            recipe=args.recipes.get(dataset))
+    return {**train_run(name, config, args.runs_dir, args.weights_dir), "name": name}
+
+
+def why_not_published(path: str, config) -> str | None:
+    """None if the published folder ``path`` holds the model ``config`` trains, else why not.
+
+    Same rule as resuming a run: every field a resume refuses to change (seed,
+    loss, optimiser, data, ...) must be equal, and all ``config.epochs`` must
+    have been trained; where the data lie and how the run was named may differ.
+    """
+    from gce_jax import train, weights
+    try:
+        manifest = weights.read_manifest(path)
+        recorded = train.read_run_config(path)
+    except (weights.WeightsError, train.ConfigError) as e:
+        return f"is unreadable ({e})"
+    if recorded is None:
+        return "has no config.json"
+    if manifest.get("epochs_trained") != config.epochs:
+        return (f"was trained for {manifest.get('epochs_trained')} epochs, this recipe "
+                f"trains {config.epochs}")
+    try:
+        train.resume_changes(recorded, train.config_to_dict(config),
+                             manifest.get("epochs_trained") or 0, path)
+    except train.ConfigError as e:
+        return "has another config: " + str(e).split(": ", 1)[-1].split(". Resume")[0]
+    return None
+
+
+def published_summary(path: str) -> dict:
+    """What :func:`train_run` returns for a published folder: the selected epoch's
+    numbers from its metrics.jsonl (what ``train_and_evaluate`` reported)."""
+    from gce_jax import weights
+    from gce_jax.train import SPEED_KEYS
+    manifest = weights.read_manifest(path)
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        history = [json.loads(line) for line in f if line.strip()]
+    record = next((r for r in history if r["epoch"] == manifest["selected_epoch"]), None)
+    if record is None or record.get("test_acc") is None:
+        raise cli.UserError(f"{path}: metrics.jsonl has no test accuracy for the selected "
+                            f"epoch {manifest['selected_epoch']}")
+    scored = [r["val_acc"] for r in history if r.get("val_acc") is not None]
+    out = {k: v for k, v in record.items() if k not in SPEED_KEYS and k != "epoch"}
+    out.update(selection=manifest["selection"], selected_epoch=manifest["selected_epoch"],
+               epochs_completed=manifest["epochs_trained"],
+               best_val_acc=max(scored) if scored else None, published=path)
+    return out
+
+
+def train_run(name: str, config, runs_dir: str, weights_dir: str | None = None) -> dict:
+    """Trains run ``name`` into ``runs_dir/name`` (resuming what is there), unless
+    ``weights_dir/name`` is a published folder of this recipe (:func:`why_not_published`).
+
+    Returns the run's final metrics, with ``workdir``: the folder to evaluate.
+    """
+    from gce_jax import weights
     from gce_jax.train import train_and_evaluate
+    published = os.path.join(weights_dir, name) if weights_dir else None
+    if published and weights.is_published(published):
+        reason = why_not_published(published, config)
+        if reason is None:
+            print(f"[reproduce] {name}: published weights {published}", flush=True)
+            return {**published_summary(published), "workdir": published}
+        print(f"[reproduce] {published} {reason}: training {name} instead", flush=True)
     workdir = os.path.join(runs_dir, name)
     t0 = time.time()
     print(f"[reproduce] train {name} ({config.epochs} epochs)", flush=True)
     out = train_and_evaluate(config, workdir)
     out["wall_time_s"] = time.time() - t0
+    out["workdir"] = workdir
     return out
 
 
 def run_fingerprint(workdir: str) -> str:
-    """``variables_sha256`` of the checkpoint ``evaluate_checkpoint`` would load."""
+    """``variables_sha256`` of the weights ``evaluate_checkpoint`` would load from
+    ``workdir`` (a run, or a published folder, whose manifest records it)."""
+    from gce_jax import weights
+    if weights.is_published(workdir):
+        return weights.read_manifest(workdir)["variables_sha256"]
     from gce_jax.checkpoint import variables_fingerprint
     from gce_jax.train import load_for_eval
     return variables_fingerprint(load_for_eval(workdir)[1])
@@ -174,14 +278,15 @@ def why_not_reuse(report: dict, workdir: str, eval_config) -> str | None:
     return None
 
 
-def evaluate_run(name: str, runs_dir: str, out_dir: str, eval_config) -> dict:
-    """``evaluate_checkpoint`` on one run with ``eval_config`` (a ConfigDict or a dict
-    of its fields) into ``out_dir/<name>``; returns its report (reused if it matches)."""
+def evaluate_run(workdir: str, out_dir: str, eval_config) -> dict:
+    """``evaluate_checkpoint`` on one run (or published folder) with ``eval_config`` (a
+    ConfigDict or a dict of its fields) into ``out_dir/<run name>``; returns its report
+    (reused if it matches)."""
     from experiments.evaluation_api import evaluate_checkpoint, get_eval_config
+    name = os.path.basename(os.path.normpath(workdir))
     config = get_eval_config(**dict(eval_config))
     config.out, config.progress = os.path.join(out_dir, name), False
     path = os.path.join(config.out, "robustness.json")
-    workdir = os.path.join(runs_dir, name)
     if os.path.exists(path):
         with open(path) as f:
             report = json.load(f)

@@ -7,23 +7,20 @@ import os
 import numpy as np
 
 from experiments import figures
-from experiments.targets.common import header, make_run, train_run, write_outputs
+from experiments.targets.common import header, train_cell, write_outputs
 
 
 def tsne_target(target: str, args) -> None:
     import jax
     from gce_jax import data as data_lib
-    from gce_jax.train import load_for_eval
+    from experiments.evaluation_api import load_model
     variants = ("xe", "gce") if target == "fig1" else ("adv_xe", "adv_gce")
     payload = {}
     for ds in args.datasets:
         feats, labels = {}, None
         for variant in variants:
-            name, config = make_run(ds, variant, seed=args.seeds[ds][0], alpha_label=None,
-                                    budget=args.budget, data_root=args.data_root,
-                                    mock=args.mock_data)
-            train_run(name, config, args.runs_dir)
-            model, variables, config = load_for_eval(os.path.join(args.runs_dir, name))
+            workdir = train_cell(args, ds, variant, args.seeds[ds][0])["workdir"]
+            model, variables, config = load_model(workdir)
             test = data_lib.load_config_split(config, "test")
             idx = np.random.default_rng(args.eval_seed).permutation(len(test))[:args.n_tsne]
             x = test.images[idx].astype(np.float32) / 255.0

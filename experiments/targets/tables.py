@@ -12,16 +12,48 @@ import os
 from typing import Any, Sequence
 
 from experiments import paper_numbers as P
-from experiments.targets.common import (ALPHAS, REDUCED, evaluate_run, header, make_run,
-                                        train_run, write_outputs)
+from experiments.targets.common import (ALPHAS, REDUCED, evaluate_run, header, train_cell,
+                                        write_outputs)
 from experiments.targets.table_md import (attack_rows, attack_table_md, mean_std,
                                           pgd_table_md, success_table_md, verdicts_md)
 
-# Paper's attack grids (Tables 3-6). eps for C&W is its confidence (kappa=0).
-TABLE3_EPS = {"mnist": (0.1, 0.2, 0.3), "cifar10": (0.04, 0.12, 0.2),
-              "cifar100": (0.04, 0.12, 0.2), "tiny_imagenet": (0.04, 0.12, 0.2)}
+# Table 5's single radius; Table 3's grids are paper_numbers.PAPER_EPS.
 TABLE5_EPS = {"mnist": 0.2, "cifar10": 0.04}
 SKIPPED_DIAG = "inconclusive: diagnostics skipped (--skip_diag)"
+NOT_IN_PAPER = "—"  # the paper cell of a data set the paper did not use
+
+
+def table_eps(ds: str, args) -> tuple[float, ...]:
+    """Table 3's radii: the paper's for its data sets; for a user's data set, its
+    recipe's ``eval.pgd_eps`` (the xe variant's)."""
+    if ds in P.PAPER_EPS:
+        return P.PAPER_EPS[ds]
+    from experiments.targets.common import load_recipe
+    return tuple(load_recipe(ds, args.recipes.get(ds)).get_config("xe").eval.pgd_eps)
+
+
+def diag_eps(ds: str, args) -> float:
+    """Table 5's radius (where the diagnostics run); for a user's data set the middle
+    of :func:`table_eps` (MNIST's choice)."""
+    if ds in TABLE5_EPS:
+        return TABLE5_EPS[ds]
+    eps = table_eps(ds, args)
+    return eps[len(eps) // 2]
+
+
+def paper_cells(table: dict, ds: str, args, columns: int, *, single_eps: bool) -> dict:
+    """The paper's rows of Tables 3/5 for ``ds``; for a data set the paper did not use,
+    the same attacks at :func:`table_eps` (or :func:`diag_eps`), paper cells
+    :data:`NOT_IN_PAPER`."""
+    if ds in table:
+        return table[ds]
+    from experiments.paper_numbers import PAPER_JSMA_GAMMA
+    radii = (diag_eps(ds, args),) if single_eps else table_eps(ds, args)
+    attacks = ("fgsm", "bim", "mim") if single_eps else ("fgsm", "bim", "pgd", "mim")
+    keys = [(a, e) for a in attacks for e in radii]
+    keys += [("jsma", g) for g in PAPER_JSMA_GAMMA.get(ds, (0.25,))][:1 if single_eps else None]
+    keys.append(("cw", 0.0))
+    return {k: (NOT_IN_PAPER,) * columns for k in keys}
 
 
 def table2(args) -> None:
@@ -32,15 +64,12 @@ def table2(args) -> None:
         for variant, alpha in models:
             errs = []
             for seed in args.seeds[ds]:
-                name, config = make_run(ds, variant, seed=seed, alpha_label=alpha,
-                                        budget=args.budget, data_root=args.data_root,
-                                        mock=args.mock_data)
-                res = train_run(name, config, args.runs_dir)
-                payload["runs"][name] = res
+                res = train_cell(args, ds, variant, seed, alpha)
+                payload["runs"][res.pop("name")] = res
                 errs.append(100.0 * (1.0 - res["test_acc"]))
             key = "xe" if variant == "xe" else f"gce_{alpha}"
             cells[key] = errs
-        paper = P.TABLE2_ERROR[ds]
+        paper = P.TABLE2_ERROR.get(ds, dict.fromkeys(cells, NOT_IN_PAPER))
         reduced = args.budget == "reduced" and (ds, "natural") in REDUCED
         label = ds + (" (reduced)" if reduced else "") + (" (mock)" if args.mock_data else "")
         rows.append((label, cells, paper))
@@ -92,47 +121,46 @@ def _eps_tag(eps: Sequence[float]) -> str:
     return "eps" + "-".join(f"{e:g}" for e in eps)
 
 
-def _eval_main(name: str, ds: str, args) -> dict:
+def _eval_main(workdir: str, ds: str, args) -> dict:
     """FGSM/BIM/PGD/MIM at Table 3's radii on ``--n`` test images."""
-    eps = TABLE3_EPS[ds]
-    return evaluate_run(name, args.runs_dir, os.path.join(args.eval_dir, f"main-{_eps_tag(eps)}"),
+    eps = table_eps(ds, args)
+    return evaluate_run(workdir, os.path.join(args.eval_dir, f"main-{_eps_tag(eps)}"),
                         _eval_config_main(ds, eps, args))
 
 
-def _eval_all(name: str, ds: str, args, *, slow: bool, reference: str | None = None) -> dict:
+def _eval_all(workdir: str, ds: str, args, *, slow: bool, reference: str | None = None) -> dict:
     """Main table (all ``--n``), JSMA/C&W (``--n_slow``) and diagnostics (``--n_diag``).
 
     Evaluations live in ``results/evaluations/`` keyed by their arguments, so
     Tables 3 and 5 share the XE and GCE models' reports instead of recomputing.
     """
     root = args.eval_dir
-    eps = TABLE3_EPS[ds]
-    reports = {"main": _eval_main(name, ds, args)}
+    eps = table_eps(ds, args)
+    reports = {"main": _eval_main(workdir, ds, args)}
     if slow:
         # Keyed by the subset size too: a run on another --n_slow must not
         # overwrite this one's report.
-        reports["slow"] = evaluate_run(name, args.runs_dir, os.path.join(root, slow_tag(args)),
+        reports["slow"] = evaluate_run(workdir, os.path.join(root, slow_tag(args)),
                                        _eval_config_slow(args))
     if args.skip_diag:
         reports["diagnostics"] = {"verdict": SKIPPED_DIAG}
         return reports
-    diag_eps = TABLE5_EPS[ds]
-    diag = _eval_config_diag(eps, diag_eps, ("fgsm", "bim", "pgd"), args,
-                             os.path.join(args.runs_dir, reference) if reference else None)
-    reports["diagnostics"] = evaluate_run(name, args.runs_dir,
-                                          os.path.join(root, f"diag-{_eps_tag([diag_eps])}"), diag)
+    at = diag_eps(ds, args)
+    diag = _eval_config_diag(eps, at, ("fgsm", "bim", "pgd"), args, reference)
+    reports["diagnostics"] = evaluate_run(workdir, os.path.join(root, f"diag-{_eps_tag([at])}"),
+                                          diag)
     return reports
 
 
-def _eval_pgd_table(name: str, sub: str, eps: Sequence[float], args, attacks: str) -> dict:
+def _eval_pgd_table(workdir: str, sub: str, eps: Sequence[float], args, attacks: str) -> dict:
     """Main numbers on ``--n`` images plus diagnostics on ``--n_diag``, one report each."""
     root = os.path.join(args.eval_dir, sub)
-    main = evaluate_run(name, args.runs_dir, os.path.join(root, f"main-{_eps_tag(eps)}"),
+    main = evaluate_run(workdir, os.path.join(root, f"main-{_eps_tag(eps)}"),
                         {**_eval_config_main("", eps, args), "attacks": attacks})
     if args.skip_diag:
         main["verdict"] = SKIPPED_DIAG
         return main
-    diag = evaluate_run(name, args.runs_dir, os.path.join(root, f"diag-{_eps_tag(eps[:1])}"),
+    diag = evaluate_run(workdir, os.path.join(root, f"diag-{_eps_tag(eps[:1])}"),
                         _eval_config_diag(eps, eps[0], ("fgsm", "bim", "pgd"), args))
     main["verdict"] = diag.get("verdict")
     return main
@@ -142,25 +170,24 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
     payload, sections = {}, []
     for ds in args.datasets:
         reports = {}
+        xe_workdir = None  # the diagnostics' reference model (XE comes first)
         for variant in variants:
             # FGSM/BIM/PGD/MIM on every seed; JSMA/C&W and the diagnostics,
             # which cost far more, on the first seed's model only.
             mains = []
             for i, seed in enumerate(args.seeds[ds]):
-                name, config = make_run(ds, variant, seed=seed, alpha_label=None,
-                                        budget=args.budget, data_root=args.data_root,
-                                        mock=args.mock_data)
-                train_run(name, config, args.runs_dir)
+                workdir = train_cell(args, ds, variant, seed)["workdir"]
                 if i == 0:
-                    xe_name = make_run(ds, "xe", seed=seed, alpha_label=None, budget=args.budget,
-                                       data_root=args.data_root, mock=args.mock_data)[0]
-                    first = _eval_all(name, ds, args, slow=not args.skip_slow,
-                                      reference=xe_name if variant != "xe" else None)
+                    xe_workdir = workdir if variant == "xe" else xe_workdir
+                    first = _eval_all(workdir, ds, args, slow=not args.skip_slow,
+                                      reference=xe_workdir if variant != "xe" else None)
                     mains.append(first["main"])
                 else:
-                    mains.append(_eval_main(name, ds, args))
+                    mains.append(_eval_main(workdir, ds, args))
             reports[variant] = {**first, "main": mains}
-        rows = attack_rows(ds, table, reports, variants)
+        paper = {ds: paper_cells(table, ds, args, len(variants),
+                                 single_eps=table is P.TABLE5_ACC)}
+        rows = attack_rows(ds, paper, reports, variants)
         diag_only = {v: r["diagnostics"] for v, r in reports.items()}
         sections += [f"## {ds}", ""] + attack_table_md(rows, variants, {
             v: {"diagnostics": r["diagnostics"]} for v, r in reports.items()}) + success_table_md(
@@ -211,12 +238,9 @@ def _pgd_target(args, target: str, variants: Sequence[str], paper: dict, attacks
     for ds in args.datasets:
         cols = {}
         for variant in variants:
-            name, config = make_run(ds, variant, seed=args.seeds[ds][0], alpha_label=None,
-                                    budget=args.budget, data_root=args.data_root,
-                                    mock=args.mock_data)
-            train_run(name, config, args.runs_dir)
+            workdir = train_cell(args, ds, variant, args.seeds[ds][0])["workdir"]
             eps = [e for (_, e) in paper[ds]]
-            cols[variant] = _eval_pgd_table(name, target, eps, args, attacks)
+            cols[variant] = _eval_pgd_table(workdir, target, eps, args, attacks)
         lines += pgd_table_md(ds, paper, cols, variants, steps_column)
         payload[ds] = {v: r.get("run") for v, r in cols.items()}
     write_outputs(args.out_dir, target, payload, header(title, args, note) + "\n".join(lines))
