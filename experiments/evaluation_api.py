@@ -343,7 +343,7 @@ def load_test_set(config, n: int, seed: int):
 # ------------------------------------------------------------ attacks
 def main_specs(c: ml_collections.ConfigDict, config) -> list:
     """The report's attack specs for resolved settings ``c`` on a run with ``config``."""
-    from experiments.paper_numbers import PAPER_JSMA_GAMMA
+    from experiments.paper_numbers import default_jsma_gammas
     from gce_jax import robustness as R
     from gce_jax.attacks import ATTACKS
     specs = []
@@ -352,7 +352,7 @@ def main_specs(c: ml_collections.ConfigDict, config) -> list:
     for attack, loss in (R.parse_attack_name(n, ATTACKS) for n in c.attacks):
         if attack == "jsma":
             specs += [R.paper_spec(attack, None, gamma=g, label=f"jsma (gamma={g:g})")
-                      for g in PAPER_JSMA_GAMMA.get(config.dataset, (0.25,))]
+                      for g in default_jsma_gammas(config.dataset)]
             continue
         if attack in R.EPS_FREE_ATTACKS:
             # A reduced C&W budget (CPU runs) is recorded in the report's settings.

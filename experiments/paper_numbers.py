@@ -79,3 +79,8 @@ PAPER_JSMA_GAMMA = {
 def default_eps(dataset: str | None) -> tuple[float, ...]:
     """The paper's eps grid for a data set (MNIST's for unknown names)."""
     return PAPER_EPS.get(dataset or "", PAPER_EPS["mnist"])
+
+
+def default_jsma_gammas(dataset: str | None) -> tuple[float, ...]:
+    """The paper's JSMA gammas for a data set (``(0.25,)`` for unknown names)."""
+    return PAPER_JSMA_GAMMA.get(dataset or "", (0.25,))

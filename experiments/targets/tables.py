@@ -12,8 +12,8 @@ import os
 from typing import Any, Sequence
 
 from experiments import paper_numbers as P
-from experiments.targets.common import (ALPHAS, REDUCED, evaluate_run, header, train_cell,
-                                        write_outputs)
+from experiments.targets.common import (ALPHAS, REDUCED, evaluate_run, header, load_recipe,
+                                        train_cell, write_outputs)
 from experiments.targets.table_md import (attack_rows, attack_table_md, mean_std,
                                           pgd_table_md, success_table_md, verdicts_md)
 
@@ -28,7 +28,6 @@ def table_eps(ds: str, args) -> tuple[float, ...]:
     recipe's ``eval.pgd_eps`` (the xe variant's)."""
     if ds in P.PAPER_EPS:
         return P.PAPER_EPS[ds]
-    from experiments.targets.common import load_recipe
     return tuple(load_recipe(ds, args.recipes.get(ds)).get_config("xe").eval.pgd_eps)
 
 
@@ -47,11 +46,10 @@ def paper_cells(table: dict, ds: str, args, columns: int, *, single_eps: bool) -
     :data:`NOT_IN_PAPER`."""
     if ds in table:
         return table[ds]
-    from experiments.paper_numbers import PAPER_JSMA_GAMMA
     radii = (diag_eps(ds, args),) if single_eps else table_eps(ds, args)
     attacks = ("fgsm", "bim", "mim") if single_eps else ("fgsm", "bim", "pgd", "mim")
     keys = [(a, e) for a in attacks for e in radii]
-    keys += [("jsma", g) for g in PAPER_JSMA_GAMMA.get(ds, (0.25,))][:1 if single_eps else None]
+    keys += [("jsma", g) for g in P.default_jsma_gammas(ds)][:1 if single_eps else None]
     keys.append(("cw", 0.0))
     return {k: (NOT_IN_PAPER,) * columns for k in keys}
 
