@@ -9,6 +9,11 @@ Recipe: ResNet-20, batch 128, SGD momentum 0.9 (Nesterov), weight decay 5e-4,
 lr 0.1 with a 1-epoch linear warm-up then cosine decay to 0, random crop +
 flip, 45,000 training images and model selection on the 5,000 held-out
 validation images (never the test set).
+
+Measured (2026-12-03, ``results/cifar10_cpu_2026-12-03/``): at the native
+``nn.Conv`` step (about 0.8 s per batch here) an epoch takes about 5 minutes,
+so the hour holds 12 epochs (``--config.epochs=12``), which reached 83.6% XE
+test accuracy; the default 20 epochs take about 100 minutes on these cores.
 """
 
 from __future__ import annotations
