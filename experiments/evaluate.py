@@ -36,6 +36,7 @@ import ml_collections
 
 from experiments import cli
 from experiments.evaluation_api import PNG_NAME, EvalConfigError, evaluate_checkpoint
+from gce_jax import runtime
 
 # Bad command-line input; reported as one line, nothing is written.
 CLIError = EvalConfigError
@@ -120,4 +121,5 @@ __all__ = ["PNG_NAME", "CLIError", "build_parser", "eval_config_from_args", "mai
 
 
 if __name__ == "__main__":
+    runtime.configure_xla_cpu()
     sys.exit(main())

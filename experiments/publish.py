@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Sequence
 
+from gce_jax import runtime
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,4 +47,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    runtime.configure_xla_cpu()
     sys.exit(main())

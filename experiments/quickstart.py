@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.configs import mnist_lenet5
-from gce_jax import attacks, data, models
+from gce_jax import attacks, data, models, runtime
 from gce_jax.train import load_for_eval, train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -122,4 +122,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure_xla_cpu()
     sys.exit(app.run(main))

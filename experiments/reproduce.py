@@ -46,6 +46,7 @@ from experiments.targets.common import (ALPHAS, REDUCED, evaluate_run,  # noqa: 
 from experiments.targets.figures import fig2, fig3, tsne_target
 from experiments.targets.table_md import find_record, mean_std, pct  # noqa: F401
 from experiments.targets.tables import table2, table3, table4, table5, table6
+from gce_jax import runtime
 
 TARGET_DATASETS = {"table2": ("mnist", "cifar10", "cifar100", "tiny_imagenet"),
                    "table3": ("mnist", "cifar10"), "table4": ("cifar100", "tiny_imagenet"),
@@ -194,4 +195,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    runtime.configure_xla_cpu()
     sys.exit(main())

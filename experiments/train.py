@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
+from gce_jax import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json.")
@@ -86,4 +87,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    runtime.configure_xla_cpu()
     app.run(main, argv=sys.argv, flags_parser=parse_flags)

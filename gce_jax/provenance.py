@@ -164,6 +164,8 @@ def hardware_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "jax": jax.__version__,
+        # Kernel-library choices (gce_jax.runtime) change speed and float rounding.
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

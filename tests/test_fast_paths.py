@@ -20,6 +20,9 @@ Add every new fast path here.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +33,7 @@ import numpy as np
 import optax
 import pytest
 
-from gce_jax import attacks
+from gce_jax import attacks, runtime
 from gce_jax.data import load_split
 from gce_jax.losses import cross_entropy, guided_complement_entropy
 from gce_jax.models import logits_fn
@@ -196,3 +199,75 @@ def test_fgsm_images_equal(trained, loss):
     # A ReLU flip (above) may move a few low-gradient pixels of one example.
     assert float(jnp.mean(differ)) < 1e-3, f"{int(differ.sum())} pixels differ"
     assert float(jnp.mean(noise)) < 0.5  # the comparison is not empty
+
+
+# ------------------------------------------------------------ fast runtime settings
+# An XLA setting that picks other kernels for the same HLO (gce_jax.runtime)
+# is a fast path too. XLA reads its flags once per process, so each side runs
+# in its own process (tests/_gradients_worker.py), on committed trained weights.
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+WORKER = Path(__file__).resolve().parent / "_gradients_worker.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class FastSetting:
+    name: str
+    xla_flags: tuple[str, ...]
+    folder: Path  # a published model (gce_jax.weights)
+    data_dir: Path
+    n_test: int = 64
+
+
+FAST_SETTINGS = [
+    FastSetting("ynn-without-convolution/resnet20", runtime.CPU_FLAGS,
+                WEIGHTS / "cifar10_cpu_resnet20_xe_e12_s0", DATA / "cifar10-jpeg.tar.gz"),
+]
+
+
+def _run_worker(setting: FastSetting, flags: tuple[str, ...], out: Path) -> dict:
+    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false",
+               PYTHONPATH=str(WORKER.parents[1]))
+    env["XLA_FLAGS"] = " ".join([runtime.strip_cpu_flags(env.get("XLA_FLAGS", "")), *flags])
+    subprocess.run([sys.executable, str(WORKER), str(setting.folder), str(setting.data_dir),
+                    str(setting.n_test), str(out)], env=env, check=True, timeout=600)
+    with np.load(out) as f:
+        return dict(f)
+
+
+@pytest.fixture(scope="module", params=FAST_SETTINGS, ids=lambda s: s.name)
+def setting_outputs(request, tmp_path_factory):
+    setting: FastSetting = request.param
+    if not setting.data_dir.exists():
+        pytest.skip(f"{setting.data_dir} not present")
+    tmp = tmp_path_factory.mktemp("setting")
+    return (_run_worker(setting, (), tmp / "native.npz"),
+            _run_worker(setting, setting.xla_flags, tmp / "fast.npz"))
+
+
+def test_setting_changes_the_kernels(setting_outputs):
+    native, fast = setting_outputs
+    # Bit-identical outputs would mean the flag never took effect, and the
+    # comparisons below would compare a setting with itself.
+    assert not np.array_equal(native["xe/input_grad"], fast["xe/input_grad"])
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_setting_gives_the_same_gradients(setting_outputs, loss):
+    native, fast = setting_outputs
+    np.testing.assert_allclose(fast["logits"], native["logits"], rtol=1e-4, atol=1e-4)
+    _assert_same_per_example(_relative_errors(fast[f"{loss}/input_grad"],
+                                              native[f"{loss}/input_grad"]))
+    keys = [k for k in native if k.startswith(f"{loss}/param_grad")]
+    assert len(keys) > 40 and set(keys) == {k for k in fast if k.startswith(f"{loss}/param_grad")}
+    for k in keys:
+        rel = np.linalg.norm(fast[k] - native[k]) / np.linalg.norm(native[k])
+        assert rel < 1e-3, (k, rel)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_setting_gives_the_same_fgsm_images(setting_outputs, loss):
+    native, fast = setting_outputs
+    g = np.abs(native[f"{loss}/input_grad"])
+    noise = g <= 1e-6 * g.reshape(len(g), -1).max(1)[:, None, None, None]
+    differ = (native[f"{loss}/fgsm"] != fast[f"{loss}/fgsm"]) & ~noise
+    assert float(np.mean(differ)) < 1e-3, f"{int(differ.sum())} pixels differ"
