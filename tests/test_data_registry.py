@@ -299,6 +299,7 @@ def test_reproduce_a_table_on_a_user_data_set(tmp_path, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3] == cells[5] == "—" and 0.0 <= float(cells[2]) <= 100.0  # no paper column
     assert "## shapes" in md and "mnist" not in md
+    assert f"shapes recipe **{recipe}** (not the paper's)" in md  # the header names the recipe
     # A data set with neither a built-in recipe nor --recipe: one line, nothing written.
     bad = reproduce.main(["--target", "table3", "--datasets", "other",
                           "--results_dir", str(tmp_path / "r2"), "--runs_dir", str(tmp_path / "r3")])

@@ -341,7 +341,11 @@ def _seeds_str(seeds: dict[str, list[int]]) -> str:
 def header(target: str, args, extra: str = "") -> str:
     import jax
     cmd = "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in args.argv)
-    return (f"# {target}\n\nCommand: `{cmd}`  \nBudget: **{args.budget}**"
+    recipes = getattr(args, "recipes", None) or {}
+    # A user recipe replaces the paper's training setting for its data set.
+    budget = f"**{args.budget}**" + "".join(f"; {ds} recipe **{r}** (not the paper's)"
+                                            for ds, r in sorted(recipes.items()))
+    return (f"# {target}\n\nCommand: `{cmd}`  \nBudget: {budget}"
             f"{' (mock data: smoke run, numbers meaningless)' if args.mock_data else ''}; "
             f"seeds {_seeds_str(args.seeds)}; hardware: {hardware_line()}; jax {jax.__version__}; "
             f"git {git_info().get('commit', '?')[:10]}"
