@@ -6,8 +6,8 @@
     python -m benchmarks                    # same as run_all
 
 Sections (each its own module, runnable alone): losses, training, pgd,
-parallel, flags. Every figure is printed beside a reference measured in the
-same run (see ``benchmarks/_harness.py``).
+parallel, flags, convolutions. Every figure is printed beside a reference
+measured in the same run (see ``benchmarks/_harness.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import traceback
 
 from benchmarks._harness import hardware_line, say
 
-SECTIONS = ("losses", "training", "pgd", "parallel", "flags")
+SECTIONS = ("losses", "training", "pgd", "parallel", "flags", "convolutions")
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["losses", "training", "pgd", "parallel", "flags", "accelerator"]
+BENCHMARKS = ["losses", "training", "pgd", "parallel", "flags", "convolutions", "accelerator"]
 
 
 def _run(args: list[str], timeout: int = 900) -> str:
