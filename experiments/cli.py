@@ -38,8 +38,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from gce_jax.data import DataError
     from gce_jax.robustness import EvaluationError
     from gce_jax.train import ConfigError, TrainingError
+    from gce_jax.weights import WeightsError
     return (flags.Error, ConfigError, TrainingError, DataError, EvaluationError,
-            CheckpointError, OSError, UserError)
+            CheckpointError, WeightsError, OSError, UserError)
 
 
 class UserError(Exception):
