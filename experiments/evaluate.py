@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_diagnostics", action="store_true", help="skip the gradient-masking checks")
     p.add_argument("--diag_eps", type=float, default=None,
                    help="eps of diagnostics checks 2-6 (default: grid eps nearest half clean accuracy)")
+    p.add_argument("--early_stop", action="store_true",
+                   help="BIM/PGD/MIM keep each example's first misclassified point and stop a "
+                        "batch once all are fooled (robust accuracy can only drop; far fewer "
+                        "steps on a weak model); default: the paper's fixed steps")
     p.add_argument("--restarts", type=int, default=5, help="PGD restarts for the convergence check")
     p.add_argument("--apgd_steps", type=int, default=100,
                    help="APGD iterations, also AutoAttack's per component (AutoAttack: 100)")

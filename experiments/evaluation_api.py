@@ -38,6 +38,8 @@ PNG_NAME = "accuracy_vs_eps.png"
 # Where and how, not what: two evaluations that differ only here give the same
 # numbers (masks do not depend on the device count: tests/test_parallel.py).
 NOT_HASHED = ("out", "run_name", "progress", "devices")
+# The attacks that take ``early_stop`` (the iterative core; FGSM has one step).
+EARLY_STOP_ATTACKS = ("bim", "pgd", "mim", "pgd_l2")
 # Flags that are the negation of a field.
 NEGATED_FLAGS = {"diagnostics": "--no_diagnostics", "progress": "--no_progress"}
 SELECTIONS = ("last", "best_val")
@@ -205,6 +207,9 @@ def eval_config_sha256(eval_config: Mapping[str, Any], run_config: Mapping[str, 
     """
     c = resolve_eval_config(eval_config, run_config).to_dict()
     kept = {k: v for k, v in c.items() if k not in NOT_HASHED}
+    if not kept.get("early_stop"):
+        # Absent when off, so reports made before the field existed keep their hash.
+        kept.pop("early_stop", None)
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -223,6 +228,8 @@ def eval_flags(eval_config: Mapping[str, Any]) -> list[str]:
             argv += ["--attacks", ",".join(value)]
         elif key == "eps":
             argv += ["--eps", *(repr(e) for e in value)]
+        elif isinstance(default[key], bool):
+            argv.append(f"--{key}")  # a store_true flag (the value differs: True)
         else:
             argv += [f"--{key}", str(value)]
     return argv
@@ -349,6 +356,7 @@ def main_specs(c: ml_collections.ConfigDict, config) -> list:
     specs = []
     pgd_kw = {"steps": c.pgd_steps, "step_size": c.pgd_step_size,
               "random_start": bool(config.eval.get("pgd_random_start", True))}
+    stop = {"early_stop": True} if c.get("early_stop") else {}
     for attack, loss in (R.parse_attack_name(n, ATTACKS) for n in c.attacks):
         if attack == "jsma":
             specs += [R.paper_spec(attack, None, gamma=g, label=f"jsma (gamma={g:g})")
@@ -362,6 +370,8 @@ def main_specs(c: ml_collections.ConfigDict, config) -> list:
             continue
         for e in c.eps:
             kw = dict(pgd_kw) if attack == "pgd" else {}
+            if attack in EARLY_STOP_ATTACKS:
+                kw.update(stop)
             if attack in ("apgd", "autoattack"):
                 kw["steps"] = c.apgd_steps
             if attack in ("square", "autoattack"):

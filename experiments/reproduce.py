@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reduced C&W-L2 budget (default: the paper's 9 binary steps)")
     p.add_argument("--cw_steps", type=int, default=None,
                    help="reduced C&W-L2 budget (default: the paper's 1000 steps)")
+    p.add_argument("--early_stop", action="store_true",
+                   help="BIM/PGD/MIM stop at each example's first misclassified point (robust "
+                        "accuracy can only drop; far cheaper on weak models): "
+                        "experiments.evaluate --early_stop")
     p.add_argument("--eval_seed", type=int, default=0)
     p.add_argument("--restarts", type=int, default=5)
     p.add_argument("--square_queries", type=int, default=5000)

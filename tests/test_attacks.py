@@ -606,3 +606,32 @@ def test_square_p_schedule():
     assert got == pytest.approx([0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 16, 0.8 / 512])
     # Rescaled to the query budget.
     assert float(p_schedule(0.8, jnp.float32(3), 100)) == pytest.approx(0.1)  # 300 -> p/8
+
+
+@pytest.mark.parametrize("eps", [0.05, 1.0])
+def test_early_stop_keeps_each_example_at_its_first_fooling_iterate_and_exits(eps):
+    # BIM with a fixed step size: bim(steps=k) is the k-th iterate of one trajectory,
+    # so the early-stopped result must be each example's first misclassified iterate.
+    shape, steps, step = (4, 4, 1), 12, 0.02
+    x, y = data(shape, 9, 3)
+    fn = linear_fn(16)
+    iterates = [np.asarray(A.bim(fn, x, y, eps=eps, steps=k, step_size=step))
+                for k in range(steps + 1)]
+    fooled = np.stack([np.argmax(np.asarray(fn(it)), -1) != y for it in iterates])
+    first = np.where(fooled.any(0), fooled.argmax(0), steps)
+    expected = np.stack([iterates[k][i] for i, k in enumerate(first)])
+    calls = []
+
+    def counted(xa):
+        jax.debug.callback(lambda: calls.append(1))
+        return fn(xa)
+
+    got = np.asarray(A.bim(counted, x, y, eps=eps, steps=steps, step_size=step, early_stop=True))
+    np.testing.assert_array_equal(got, expected)
+    if fooled[-1].all() and first.max() < steps:
+        # Every example was fooled by iterate first.max(): the loop ran one more
+        # gradient evaluation (which saw them all fooled) and stopped.
+        assert len(calls) == first.max() + 1
+    else:
+        assert len(calls) == steps
+    assert (first < steps).any(), "the case must fool some examples early"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import ml_collections
 import pytest
 
 from experiments import evaluate, evaluation_api as api
@@ -52,6 +53,28 @@ def test_command_names_the_settings_that_differ_from_the_defaults():
             == api.normalize_eval_config(cfg).to_dict())
     assert api.eval_command("runs/r", api.get_eval_config()) == (
         "python -m experiments.evaluate --workdir runs/r")
+
+
+def test_early_stop_reaches_the_iterative_attacks_and_only_then_the_hash():
+    cfg = api.get_eval_config(attacks="fgsm,bim,pgd,mim", eps="0.1", early_stop=True)
+    run = ml_collections.ConfigDict({
+        "dataset": "mnist", "loss": "xe", "selection": "last",
+        "eval": {"pgd_eps": [0.1], "pgd_steps": 40, "pgd_step_size": 0.01}})
+    specs = api.main_specs(api.resolve_eval_config(cfg, run), run)
+    assert {s.attack: s.params.get("early_stop") for s in specs} == {
+        "fgsm": None, "bim": True, "pgd": True, "mim": True}
+    off = api.get_eval_config(attacks="fgsm,bim,pgd,mim", eps="0.1")
+    assert not any("early_stop" in s.params
+                   for s in api.main_specs(api.resolve_eval_config(off, run), run))
+    # Off is the absent field: the hashes of earlier reports stand.
+    no_field = dict(off.to_dict())
+    del no_field["early_stop"]
+    assert api.eval_config_sha256(off, run) == api.eval_config_sha256(no_field, run)
+    assert api.eval_config_sha256(cfg, run) != api.eval_config_sha256(off, run)
+    cmd = api.eval_command("runs/r", cfg)
+    assert "--early_stop" in cmd.split()
+    args = evaluate.build_parser().parse_args(cmd.split()[3:])
+    assert evaluate.eval_config_from_args(args).early_stop is True
 
 
 @pytest.mark.slow

@@ -73,12 +73,18 @@ def _lenet_pool_ties(model: nn.Module, variables: dict, x: jax.Array) -> int:
     return int(tied.sum())
 
 
-_cifar_resnet20 = CifarResNet(depth=20, normalize=normalize_for("cifar10"))
+# The native reference: nn.Conv with XLA's own input gradient.
+_cifar_resnet20 = CifarResNet(depth=20, normalize=normalize_for("cifar10"), input_grad="native")
 FAST_PATHS = [
     FastPath("lenet5-im2col", LeNet5(conv_impl="xla"), LeNet5(conv_impl="im2col"),
              "mnist", DATA / "mnist", _lenet_pool_ties, min_accuracy=0.8),
     FastPath("resnet20-im2col", _cifar_resnet20.clone(conv_impl="xla"),
              _cifar_resnet20.clone(conv_impl="im2col"), "cifar10",
+             DATA / "cifar10-jpeg.tar.gz", None, min_accuracy=0.25,
+             train_images=2048, train_steps=40, batch=32, n_test=48),
+    # The CPU default (input_grad='auto'): conv_grad's explicit input gradient.
+    FastPath("resnet20-explicit-input-grad", _cifar_resnet20,
+             _cifar_resnet20.clone(input_grad="explicit"), "cifar10",
              DATA / "cifar10-jpeg.tar.gz", None, min_accuracy=0.25,
              train_images=2048, train_steps=40, batch=32, n_test=48),
 ]

@@ -149,6 +149,16 @@ def test_reduced_cw_budget_gets_its_own_evaluation_folder():
     assert tables._eval_config_slow(args)["cw_steps"] == 200
 
 
+def test_early_stop_is_asked_for_in_the_main_and_diagnostics_configs_only_when_given():
+    args = reproduce.build_parser().parse_args(["--target", "table3"])
+    assert "early_stop" not in tables._eval_config_main("mnist", (0.1,), args)
+    assert "early_stop" not in tables._eval_config_diag((0.1,), 0.1, ("pgd",), args)
+    args = reproduce.build_parser().parse_args(["--target", "table3", "--early_stop"])
+    assert tables._eval_config_main("mnist", (0.1,), args)["early_stop"] is True
+    assert tables._eval_config_diag((0.1,), 0.1, ("pgd",), args)["early_stop"] is True
+    assert tables._eval_config_slow(args).get("early_stop") is None  # JSMA/C&W: their own rules
+
+
 RUN_CONFIG = {"dataset": "mnist", "selection": "last",
               "eval": {"pgd_eps": [0.1, 0.2, 0.3], "pgd_steps": 40, "pgd_step_size": 0.01}}
 

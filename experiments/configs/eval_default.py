@@ -36,6 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.pgd_step_size = None  # None: config.eval.pgd_step_size
     c.diagnostics = True  # the gradient-masking checks
     c.diag_eps = None  # eps of checks 2-6; None: grid eps nearest half clean accuracy
+    # BIM/PGD/MIM freeze an example once it is misclassified, and a batch stops
+    # once all are: robust accuracy can only drop (the first adversarial point
+    # is kept), and a model broken in a few steps costs a few steps. Off: the
+    # paper's fixed-step attacks.
+    c.early_stop = False
     c.restarts = 5  # PGD restarts of the convergence check
     c.apgd_steps = 100  # APGD iterations, also AutoAttack's (AutoAttack: 100)
     c.square_queries = 5000  # Square queries, also AutoAttack's (AutoAttack: 5000)

@@ -86,7 +86,12 @@ def table2(args) -> None:
 
 def _eval_config_main(ds: str, eps: Sequence[float], args) -> dict[str, Any]:
     return {"attacks": ("fgsm", "bim", "pgd", "mim"), "eps": tuple(eps), "n": args.n,
-            "diagnostics": False, "seed": args.eval_seed}
+            "diagnostics": False, "seed": args.eval_seed, **_early_stop(args)}
+
+
+def _early_stop(args) -> dict[str, Any]:
+    """``{'early_stop': True}`` when asked for; otherwise nothing (the paper's fixed steps)."""
+    return {"early_stop": True} if getattr(args, "early_stop", False) else {}
 
 
 def _eval_config_slow(args) -> dict[str, Any]:
@@ -101,7 +106,8 @@ def _eval_config_diag(eps: Sequence[float], diag_eps: float, attacks: Sequence[s
     """The gradient-masking diagnostics on ``--n_diag`` at ``diag_eps``."""
     return {"attacks": tuple(attacks), "eps": tuple(eps), "n": args.n_diag,
             "diag_eps": diag_eps, "seed": args.eval_seed, "restarts": args.restarts,
-            "square_queries": args.square_queries, "reference_workdir": reference}
+            "square_queries": args.square_queries, "reference_workdir": reference,
+            **_early_stop(args)}
 
 
 def slow_tag(args) -> str:
@@ -210,7 +216,10 @@ def _natural_attack_target(target: str, args, variants: Sequence[str], table: di
                         "paper 9 x 1000)" if reduced_cw else ""))
     md = header(f"{target}: accuracy (%) under white-box attacks", args,
                 "\nAll FGSM/BIM/PGD/MIM numbers attack the **cross-entropy** loss (the paper's "
-                "Eqs. 4-7), untargeted, on `--n` test images; " + slow_text
+                "Eqs. 4-7), untargeted, on `--n` test images"
+                + (" (`--early_stop`: BIM/PGD/MIM keep each example's first misclassified "
+                   "point, so their robust accuracy is at most the fixed-step attacks')"
+                   if getattr(args, "early_stop", False) else "") + "; " + slow_text
                 + (". Where a data set has several training seeds, its FGSM/BIM/PGD/MIM cells "
                    "are mean ± std over them (sample std); JSMA, C&W and the diagnostics used "
                    "the first seed's model"

@@ -51,7 +51,7 @@ def _iterative_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
         (_, logits), g = jax.value_and_grad(total, has_aux=True)(x_adv)
         return g, logits
 
-    def body(_, state):
+    def step(state):
         x_adv, m = state
         g, logits = objective_and_grad(x_adv)
         if use_momentum:
@@ -66,15 +66,28 @@ def _iterative_core(fn: LogitsFn, x: Array, y: Array, keys: Array, eps: Array,
             l2 = jnp.sqrt(per_example_sum(direction_src * direction_src))
             direction = direction_src / jnp.maximum(l2, 1e-12)
         x_new = project(x_adv + step_size * direction, x, eps)
-        if early_stop:
-            pred = jnp.argmax(logits, axis=-1)
-            fooled = (pred == y) if targeted else (pred != y)
-            keep = fooled.reshape((-1,) + (1,) * (x.ndim - 1))
-            x_new = jnp.where(keep, x_adv, x_new)
-        return x_new, m
+        if not early_stop:
+            return (x_new, m), None
+        pred = jnp.argmax(logits, axis=-1)
+        fooled = (pred == y) if targeted else (pred != y)
+        keep = fooled.reshape((-1,) + (1,) * (x.ndim - 1))
+        return (jnp.where(keep, x_adv, x_new), m), jnp.all(fooled)
 
     x_init = uniform_start(keys, x, eps, norm) if random_start else x
-    x_adv, _ = jax.lax.fori_loop(0, steps, body, (x_init, jnp.zeros_like(x)))
+    state = (x_init, jnp.zeros_like(x))
+    if not early_stop:
+        x_adv, _ = jax.lax.fori_loop(0, steps, lambda _, s: step(s)[0], state)
+        return x_adv
+
+    # Once every example is fooled, each further step leaves every example
+    # where it is, so stopping there gives the same result as all ``steps``.
+    def body(carry):
+        i, state, _ = carry
+        state, done = step(state)
+        return i + 1, state, done
+
+    _, (x_adv, _), _ = jax.lax.while_loop(
+        lambda c: (c[0] < steps) & ~c[2], body, (jnp.int32(0), state, jnp.bool_(False)))
     return x_adv
 
 
@@ -162,8 +175,9 @@ def bim(logits_fn: LogitsFn, x: Any, y: Any, *, key: Array | None = None,
               + \tfrac{\epsilon}{r}\,\mathrm{sign}(\nabla L(x^*_{i-1}, y)))
 
     Paper defaults: ``r = steps = 10``, step ``eps / steps``, no random start.
-    ``early_stop`` freezes each example once it is misclassified (masks, not
-    control flow); off by default to match the paper. Other arguments as in
+    ``early_stop`` freezes each example once it is misclassified, and the
+    batch stops once all are (the same adversarial images as running every
+    step with the freeze); off by default to match the paper. Other arguments as in
     :func:`fgsm`.
     """
     return _iterative(logits_fn, x, y, key, eps=eps, step_size=step_size,

@@ -23,11 +23,14 @@ would shrink 64x64 inputs to 16x16 before the first stage).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Literal, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
+from gce_jax.models import conv_grad
 from gce_jax.models.common import Normalize
 from gce_jax.models.im2col import ConvImpl, PatchConv, resolve_conv_impl
 
@@ -45,12 +48,28 @@ def _batch_norm(train: bool, axis_name: str | None, dtype, name=None, scale_init
                         name=name, **kw)
 
 
-def _conv3x3(filters: int, strides: int, channels_first: bool, dtype, name: str | None = None):
+InputGrad = Literal["auto", "native", "explicit"]
+INPUT_GRADS = ("auto", "native", "explicit")
+
+
+def resolve_input_grad(input_grad: str) -> str:
+    """``'auto'`` -> ``'explicit'`` on the CPU backend, ``'native'`` otherwise."""
+    if input_grad not in INPUT_GRADS:
+        raise ValueError(f"input_grad must be one of {INPUT_GRADS}, got {input_grad!r}")
+    if input_grad == "auto":
+        return "explicit" if jax.default_backend() == "cpu" else "native"
+    return input_grad
+
+
+def _conv3x3(filters: int, strides: int, channels_first: bool, dtype, name: str | None = None,
+             input_grad: str = "native"):
     if channels_first:
         return PatchConv(filters, 3, strides=strides, padding=1, use_bias=False,
                          kernel_init=_conv_init, dtype=dtype, name=name)
+    conv = (conv_grad.conv_general_dilated if resolve_input_grad(input_grad) == "explicit"
+            else lax.conv_general_dilated)
     return nn.Conv(filters, (3, 3), strides=strides, padding=1, use_bias=False,
-                   kernel_init=_conv_init, dtype=dtype, name=name)
+                   kernel_init=_conv_init, dtype=dtype, name=name, conv_general_dilated=conv)
 
 
 class BasicBlock(nn.Module):
@@ -59,11 +78,13 @@ class BasicBlock(nn.Module):
     bn_axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
     channels_first: bool = False  # [C, B, H, W] activations and im2col convolutions
+    input_grad: InputGrad = "native"
 
     @nn.compact
     def __call__(self, x, train: bool):
         cf = self.channels_first
-        conv = functools.partial(_conv3x3, channels_first=cf, dtype=self.dtype)
+        conv = functools.partial(_conv3x3, channels_first=cf, dtype=self.dtype,
+                                 input_grad=self.input_grad)
         bn = functools.partial(_batch_norm, train, self.bn_axis_name, self.dtype,
                                feature_axis=0 if cf else -1)
         # Explicit names: the same parameter tree for both layouts.
@@ -92,6 +113,9 @@ class CifarResNet(nn.Module):
     bn_axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
     conv_impl: ConvImpl = "xla"
+    # nn.Conv's input gradient: 'explicit' (gce_jax.models.conv_grad) or
+    # XLA's 'native' form; 'auto' is explicit on CPU, native elsewhere.
+    input_grad: InputGrad = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False,
@@ -103,13 +127,14 @@ class CifarResNet(nn.Module):
         x = self.normalize(x).astype(self.dtype)
         if cf:
             x = jnp.transpose(x, (3, 0, 1, 2))  # NHWC -> CNHW
-        x = _conv3x3(16, 1, cf, self.dtype, name="Conv_0")(x)
+        x = _conv3x3(16, 1, cf, self.dtype, name="Conv_0", input_grad=self.input_grad)(x)
         x = nn.relu(_batch_norm(train, self.bn_axis_name, self.dtype, name="BatchNorm_0",
                                 feature_axis=0 if cf else -1)(x))
         for stage, filters in enumerate((16, 32, 64)):
             for block in range(n):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = BasicBlock(filters, strides, self.bn_axis_name, self.dtype, cf,
+                               self.input_grad,
                                name=f"BasicBlock_{stage * n + block}")(x, train)
         features = jnp.mean(x, axis=(2, 3)).T if cf else jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="Dense_0")(features)
