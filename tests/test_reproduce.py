@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -338,6 +339,18 @@ def test_published_weights_stand_in_only_for_the_same_recipe(tmp_path):
     assert "trained for 20 epochs" in common.why_not_published(XE_S0, config)
     config.epochs, config.optimizer.learning_rate = 20, 0.1
     assert "optimizer.learning_rate" in common.why_not_published(XE_S0, config)
+    # A model trained with data.source='auto' on a local copy (experiments.train's
+    # default) is that copy's model; one read from tfds is not.
+    auto = tmp_path / "auto"
+    shutil.copytree(XE_S0, auto)
+    recorded = json.loads((auto / "config.json").read_text())
+    recorded["data"].update(source="auto", data_dir=os.path.join("..", "shared", "data", "mnist"))
+    (auto / "config.json").write_text(json.dumps(recorded))
+    config.epochs, config.optimizer.learning_rate = 20, 1e-3
+    assert common.why_not_published(str(auto), config) is None
+    recorded["data"].update(data_dir=None)  # 'auto' without a folder: tfds
+    (auto / "config.json").write_text(json.dumps(recorded))
+    assert "data.source 'tfds' -> 'local'" in common.why_not_published(str(auto), config)
     summary = common.published_summary(XE_S0)
     metrics = [json.loads(l) for l in open(os.path.join(XE_S0, "metrics.jsonl"))]
     assert summary["test_acc"] == metrics[summary["selected_epoch"] - 1]["test_acc"]

@@ -150,6 +150,21 @@ def train_cell(args, dataset: str, variant: str, seed: int, alpha_label: str | N
     return {**train_run(name, config, args.runs_dir, args.weights_dir), "name": name}
 
 
+def _with_resolved_source(run_config: dict) -> dict:
+    """``run_config`` with ``data.source='auto'`` replaced by what it read ('local' or
+    'tfds'): a model trained with 'auto' on a local copy is that copy's model."""
+    from gce_jax.data import DataError
+    from gce_jax.data.loading import resolved_source
+    data = run_config.get("data") or {}
+    if data.get("source") != "auto" or "sklearn_digits" in str(run_config.get("resolved")):
+        return run_config
+    try:
+        source = resolved_source(run_config["dataset"], data.get("data_dir"), "auto")
+    except DataError:  # an unknown set: left as "auto", which then differs and retrains
+        return run_config
+    return {**run_config, "data": {**data, "source": source}}
+
+
 def why_not_published(path: str, config) -> str | None:
     """None if the published folder ``path`` holds the model ``config`` trains, else why not.
 
@@ -165,6 +180,7 @@ def why_not_published(path: str, config) -> str | None:
         return f"is unreadable ({e})"
     if recorded is None:
         return "has no config.json"
+    recorded = _with_resolved_source(recorded)
     if manifest.get("epochs_trained") != config.epochs:
         return (f"was trained for {manifest.get('epochs_trained')} epochs, this recipe "
                 f"trains {config.epochs}")

@@ -76,6 +76,12 @@ def load_split(
     return ds
 
 
+def resolved_source(name: str, data_dir: Any, source: Source) -> str:
+    """``'local'`` or ``'tfds'``: where :func:`load_split` reads ``name`` from with this
+    ``data_dir`` and ``source`` (``'auto'`` resolved as it would be)."""
+    return "tfds" if _reads_tfds(get_dataset(name), data_dir, source) else "local"
+
+
 def _reads_tfds(spec: DatasetSpec, data_dir: Any, source: Source) -> bool:
     """Whether ``source`` and ``data_dir`` mean tfds (local otherwise)."""
     if source != "auto":
