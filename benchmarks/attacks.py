@@ -2,6 +2,8 @@
 
     python benchmarks/attacks.py            # paper settings, batch 500
     python benchmarks/attacks.py --quick    # smaller batch and budgets
+    python benchmarks/attacks.py --model resnet20 --quick --only fgsm pgd
+                                            # CIFAR ResNet-20, both input gradients
 
 For each attack the table shows images/s and the ratio
 
@@ -109,14 +111,24 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--only", nargs="*", default=None, help="attack labels to run")
+    parser.add_argument("--model", choices=("lenet5", "resnet20"), default="lenet5",
+                        help="resnet20 (CIFAR shapes) adds each attack with XLA's native "
+                             "conv input gradient beside the default (gce_jax.models.conv_grad)")
     args = parser.parse_args(argv)
     batch = args.batch or (128 if args.quick else 500)
     repeats = args.repeats or (3 if args.quick else 5)
 
-    model = get_model("lenet5", num_classes=10)
-    x = jax.random.uniform(jax.random.key(0), (batch, 28, 28, 1))
+    model = get_model(args.model, num_classes=10,
+                      **({"dataset": "cifar10"} if args.model == "resnet20" else {}))
+    shape = (28, 28, 1) if args.model == "lenet5" else (32, 32, 3)
+    x = jax.random.uniform(jax.random.key(0), (batch, *shape))
     variables = model.init(jax.random.key(1), x[:1])
     fn = logits_fn(model, variables)
+    # The same weights with XLA's own input gradient (CIFAR ResNets only).
+    variants = [("", fn)]
+    if args.model == "resnet20":
+        variants.append((" [native input grad]",
+                         logits_fn(model.clone(input_grad="native"), variables)))
     y = jnp.argmax(fn(x), axis=-1)
     key = jax.random.key(2)
 
@@ -151,8 +163,10 @@ def main(argv=None) -> None:
         if args.only and not any(o in label for o in args.only):
             continue
         attack = A.ATTACKS[name]
-        rows.append((label, lambda attack=attack, kw=kw: attack(fn, x, y, key=key, **kw),
-                     passes, early))
+        for suffix, f in variants:
+            rows.append((label + suffix,
+                         lambda attack=attack, kw=kw, f=f: attack(f, x, y, key=key, **kw),
+                         passes, early))
     for _, thunk, _, _ in rows:
         jax.block_until_ready(thunk())  # compile everything first
 
@@ -175,13 +189,13 @@ def main(argv=None) -> None:
           f"repeats {repeats}{'  (quick)' if args.quick else ''}")
     print(f"reference: fwd+bwd {t_fb * 1e3:.2f} ms   fwd {t_f * 1e3:.2f} ms   "
           f"({batch / t_fb:,.0f} img/s fwd+bwd)")
-    header = (f"{'attack':<36}{'passes':>20}{'time (s)':>11}{'img/s':>11}{'ratio':>8}")
+    header = (f"{'attack':<56}{'passes':>20}{'time (s)':>11}{'img/s':>11}{'ratio':>8}")
     print(header)
     print("-" * len(header))
     for label, _, passes, early in rows:
         t = statistics.median(times[label])
         ratio = statistics.median(ratios[label])
-        print(f"{label:<36}{_passes(passes):>20}{t:>11.3f}{batch / t:>11,.1f}"
+        print(f"{label:<56}{_passes(passes):>20}{t:>11.3f}{batch / t:>11,.1f}"
               f"{ratio:>7.2f}{'*' if early else ' '}")
     print("ratio = attack time / (fb x fwd+bwd + f x fwd, each timed just before it), "
           "median over rounds")

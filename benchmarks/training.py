@@ -95,10 +95,12 @@ def synthetic_batch(shape: tuple[int, ...], num_classes: int, seed: int = 0):
             jax.random.randint(ky, (shape[0],), 0, num_classes))
 
 
-def _model(name: str, conv_impl: str, num_classes: int = 10):
+def _model(name: str, conv_impl: str, num_classes: int = 10, input_grad: str = "auto"):
     if name == "lenet5":
         return get_model("lenet5", num_classes=num_classes).clone(conv_impl=conv_impl)
     m = get_model(name, num_classes=num_classes, dataset="cifar10")
+    if hasattr(m, "input_grad"):
+        m = m.clone(input_grad=input_grad)
     return m.clone(conv_impl=conv_impl) if hasattr(m, "conv_impl") else m
 
 
@@ -112,13 +114,15 @@ def _input_shape(model_name: str, batch: int) -> tuple[int, ...]:
 
 def step_case(name: str = "step", model: str = "lenet5", conv_impl: str = "auto",
               loss: str = "xe", batch: int = 64, optimizer: str = "adam",
-              formulation: str = "jit", scan_length: int = 10) -> StepCase:
+              formulation: str = "jit", scan_length: int = 10,
+              input_grad: str = "auto") -> StepCase:
     """One training step on a fixed synthetic batch already on the device.
 
     formulation: ``jit`` | ``jit+donate`` | ``scan`` (``scan_length`` steps
-    per call, one unit = one step).
+    per call, one unit = one step). ``input_grad``: the CIFAR ResNets' conv
+    input gradient (``gce_jax.models.resnet``).
     """
-    m = _model(model, conv_impl)
+    m = _model(model, conv_impl, input_grad=input_grad)
     tx = make_optimizer(optimizer)
     x, y = synthetic_batch(_input_shape(model, batch), 10)
     state = init_state(m, tx, x)
@@ -343,6 +347,14 @@ def resnet_table(args) -> str:
                 f"resnet{d} nn.Conv/jit+donate [{setting}]", "benchmarks.training:step_case",
                 dict(model=f"resnet{d}", conv_impl="xla", batch=b, optimizer="sgd",
                      formulation="jit+donate"), env=env))
+        # The commands' setting with XLA's own conv input gradient (the CPU
+        # default is gce_jax.models.conv_grad's explicit one).
+        native_env = _xla_settings()["gce_jax.runtime"]
+        cases.append(WorkerCase(
+            f"resnet{d} nn.Conv/jit+donate [gce_jax.runtime, native input grad]",
+            "benchmarks.training:step_case",
+            dict(model=f"resnet{d}", conv_impl="xla", batch=b, optimizer="sgd",
+                 formulation="jit+donate", input_grad="native"), env=native_env))
         cases.append(step_case(f"resnet{d} im2col/jit+donate", model=f"resnet{d}",
                                conv_impl="im2col", batch=b, optimizer="sgd",
                                formulation="jit+donate"))
