@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from gce_jax.data.registry import DatasetSpec, get_dataset
@@ -37,3 +38,16 @@ def normalize_for(dataset: str | DatasetSpec | None) -> Normalize:
         return Normalize()
     spec = get_dataset(dataset)
     return Normalize(mean=spec.mean, std=spec.std)
+
+
+def resolve_for_backend(option: str, value: str, choices: Sequence[str], *, on_cpu: str,
+                        elsewhere: str) -> str:
+    """``value`` of a model ``option``, with ``'auto'`` resolved for the default backend.
+
+    Raises ValueError naming ``option`` and its ``choices`` for any other value.
+    """
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {tuple(choices)}, got {value!r}")
+    if value == "auto":
+        return on_cpu if jax.default_backend() == "cpu" else elsewhere
+    return value

@@ -24,17 +24,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gce_jax.models.common import resolve_for_backend
+
 ConvImpl = Literal["auto", "xla", "im2col"]
 CONV_IMPLS = ("auto", "xla", "im2col")
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
     """``'auto'`` -> ``'im2col'`` on the CPU backend, ``'xla'`` otherwise."""
-    if conv_impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
-    if conv_impl == "auto":
-        return "im2col" if jax.default_backend() == "cpu" else "xla"
-    return conv_impl
+    return resolve_for_backend("conv_impl", conv_impl, CONV_IMPLS, on_cpu="im2col",
+                               elsewhere="xla")
 
 
 def patches_cnhw(x: jax.Array, k: int, stride: int = 1) -> jax.Array:

@@ -26,12 +26,11 @@ import functools
 from typing import Literal, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from gce_jax.models import conv_grad
-from gce_jax.models.common import Normalize
+from gce_jax.models.common import Normalize, resolve_for_backend
 from gce_jax.models.im2col import ConvImpl, PatchConv, resolve_conv_impl
 
 # He et al. initialise convolutions with N(0, 2/fan_in).
@@ -54,11 +53,8 @@ INPUT_GRADS = ("auto", "native", "explicit")
 
 def resolve_input_grad(input_grad: str) -> str:
     """``'auto'`` -> ``'explicit'`` on the CPU backend, ``'native'`` otherwise."""
-    if input_grad not in INPUT_GRADS:
-        raise ValueError(f"input_grad must be one of {INPUT_GRADS}, got {input_grad!r}")
-    if input_grad == "auto":
-        return "explicit" if jax.default_backend() == "cpu" else "native"
-    return input_grad
+    return resolve_for_backend("input_grad", input_grad, INPUT_GRADS, on_cpu="explicit",
+                               elsewhere="native")
 
 
 def _conv3x3(filters: int, strides: int, channels_first: bool, dtype, name: str | None = None,
