@@ -156,7 +156,7 @@ def _with_resolved_source(run_config: dict) -> dict:
     from gce_jax.data import DataError
     from gce_jax.data.loading import resolved_source
     data = run_config.get("data") or {}
-    if data.get("source") != "auto" or "sklearn_digits" in str(run_config.get("resolved")):
+    if data.get("source") != "auto":
         return run_config
     try:
         source = resolved_source(run_config["dataset"], data.get("data_dir"), "auto")
@@ -180,13 +180,14 @@ def why_not_published(path: str, config) -> str | None:
         return f"is unreadable ({e})"
     if recorded is None:
         return "has no config.json"
+    # Both sides resolved alike: 'auto' on either is compared as what it reads.
     recorded = _with_resolved_source(recorded)
+    wanted = _with_resolved_source(train.config_to_dict(config))
     if manifest.get("epochs_trained") != config.epochs:
         return (f"was trained for {manifest.get('epochs_trained')} epochs, this recipe "
                 f"trains {config.epochs}")
     try:
-        train.resume_changes(recorded, train.config_to_dict(config),
-                             manifest.get("epochs_trained") or 0, path)
+        train.resume_changes(recorded, wanted, manifest.get("epochs_trained") or 0, path)
     except train.ConfigError as e:
         return "has another config: " + str(e).split(": ", 1)[-1].split(". Resume")[0]
     return None
